@@ -1,0 +1,217 @@
+"""The frozen configuration of a decoder-only transformer.
+
+One ``ModelConfig`` describes every family llmjax assembles (GPT-2, Llama 3, Mistral, Qwen3, Gemma 2/3):
+families differ only in field values. A config is validated when it is built, and every error names the
+field and what would fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+POSITIONS = ("rope", "learned", "none")
+ROPE_KINDS = ("default", "linear", "llama3", "yarn")
+LAYER_KINDS = ("global", "local")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A configuration field has a value llmjax cannot build."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding: base ``theta`` and an optional context-extension scaling.
+
+    ``kind`` is ``default`` (no scaling), ``linear`` (positions divided by ``factor``), ``llama3``
+    (Llama 3.1 frequency-dependent scaling) or ``yarn`` (YaRN interpolation with attention factor).
+    """
+
+    theta: float = 10_000.0
+    kind: str = "default"
+    factor: float = 1.0
+    # llama3 and yarn: the context length the model was pretrained on.
+    original_max_len: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None means 0.1 * ln(factor) + 1
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    # Rotate only the first ``fraction`` of each head's channels (1.0 for every family here).
+    fraction: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ROPE_KINDS:
+            raise ConfigError(f"rope.kind={self.kind!r}: expected one of {ROPE_KINDS}")
+        if self.theta <= 0:
+            raise ConfigError(f"rope.theta={self.theta}: must be positive")
+        if self.kind != "default" and self.factor <= 0:
+            raise ConfigError(f"rope.factor={self.factor}: must be positive for kind={self.kind!r}")
+        if self.kind in ("llama3", "yarn") and not self.original_max_len:
+            raise ConfigError(f"rope.kind={self.kind!r} needs rope.original_max_len (pretraining length)")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"rope.fraction={self.fraction}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural choice of the decoder-only transformer.
+
+    Attention layers follow ``layer_pattern`` cyclically: ``"global"`` layers attend causally over the whole
+    context, ``"local"`` layers within ``sliding_window`` tokens (query i sees keys j with 0 <= i - j < window).
+    ``local_rope`` (if set) replaces ``rope`` on local layers, as Gemma 3 does.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None: equal to n_heads (MHA); 1: MQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_dim: int | None = None  # None: 4 * d_model
+    max_seq_len: int = 2048
+    name: str = "custom"
+
+    # Normalisation.
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    norm_unit_offset: bool = False  # scale by (1 + w), Gemma's RMSNorm
+    post_norms: bool = False  # Gemma 2/3 "sandwich": also normalise each block's output
+    qk_norm: bool = False  # RMSNorm over head channels of q and k (Qwen3, Gemma 3)
+
+    # Biases.
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+
+    # MLP.
+    activation: str = "silu"
+    gated_mlp: bool = True  # SwiGLU / GeGLU: act(x W_gate) * (x W_up)
+
+    # Positions.
+    position: str = "rope"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    local_rope: RopeConfig | None = None
+
+    # Attention.
+    layer_pattern: tuple[str, ...] = ("global",)
+    sliding_window: int | None = None
+    query_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    attention_impl: str = "xla"
+
+    # Embeddings.
+    tie_embeddings: bool = True
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
+
+    # Numerics and memory.
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    remat: str = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def need(cond, fld, msg):
+            if not cond:
+                raise ConfigError(f"{fld}={getattr(self, fld)!r}: {msg}")
+
+        for fld in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            need(isinstance(getattr(self, fld), int) and getattr(self, fld) > 0, fld,
+                 "must be a positive int")
+        need(self.n_kv_heads is None or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
+             "n_kv_heads", f"must divide n_heads={self.n_heads} (1 for MQA, n_heads for MHA)")
+        need(self.head_dim is not None or self.d_model % self.n_heads == 0, "head_dim",
+             f"is None but d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set it")
+        need(self.head_dim is None or self.head_dim > 0, "head_dim", "must be positive")
+        need(self.mlp_dim is None or self.mlp_dim > 0, "mlp_dim", "must be positive")
+        need(self.norm in NORMS, "norm", f"expected one of {NORMS}")
+        need(self.norm_eps > 0, "norm_eps", "must be positive")
+        need(self.activation in ACTIVATIONS, "activation", f"expected one of {ACTIVATIONS}")
+        need(self.position in POSITIONS, "position", f"expected one of {POSITIONS}")
+        need(isinstance(self.layer_pattern, tuple) and len(self.layer_pattern) > 0
+             and all(k in LAYER_KINDS for k in self.layer_pattern), "layer_pattern",
+             f"must be a non-empty tuple of {LAYER_KINDS}")
+        if "local" in self.layer_kinds:
+            need(self.sliding_window is not None and self.sliding_window > 0, "sliding_window",
+                 "layer_pattern has 'local' layers, so sliding_window must be a positive int")
+        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+             "must be a positive int or None")
+        rot = self.resolved_head_dim * self.rope.fraction
+        need(self.position != "rope" or (rot == int(rot) and int(rot) % 2 == 0), "head_dim",
+             "rotary channels (head_dim * rope.fraction) must be an even integer")
+        for fld in ("attn_logit_softcap", "final_logit_softcap", "query_scale"):
+            v = getattr(self, fld)
+            need(v is None or v > 0, fld, "must be positive or None")
+        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+             f"expected one of {ATTENTION_IMPLS}")
+        need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
+        need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
+        need(self.remat in REMAT, "remat", f"expected one of {REMAT}")
+
+    # Derived values --------------------------------------------------------------------------------
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_mlp_dim(self) -> int:
+        return self.mlp_dim or 4 * self.d_model
+
+    @property
+    def resolved_query_scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.resolved_head_dim**-0.5
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        pattern = self.layer_pattern
+        return tuple(pattern[i % len(pattern)] for i in range(self.n_layers))
+
+    def layer_window(self, i: int) -> int | None:
+        return self.sliding_window if self.layer_kinds[i] == "local" else None
+
+    def layer_rope(self, i: int) -> RopeConfig:
+        if self.layer_kinds[i] == "local" and self.local_rope is not None:
+            return self.local_rope
+        return self.rope
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with ``changes``; unknown field names raise an error listing the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(valid)}")
+        return dataclasses.replace(self, **changes)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), attention included.
+
+        Matmul FLOPs only; causal attention counts half of the full T x S score matrix.
+        """
+        D, H, K, C = self.d_model, self.n_heads, self.resolved_kv_heads, self.resolved_head_dim
+        F, V = self.resolved_mlp_dim, self.vocab_size
+        proj = 2 * D * (H * C + 2 * K * C) + 2 * H * C * D
+        mlp = 2 * D * F * (3 if self.gated_mlp else 2)
+        attn = 0.0
+        for i in range(self.n_layers):
+            w = self.layer_window(i)
+            span = seq_len if w is None else min(w, seq_len)
+            # Mean keys per query: T/2 when causal over all, w - w^2 / 2T within a window w.
+            attn += 2 * 2 * H * C * (span / 2 if w is None else span - span * span / (2 * seq_len))
+        return 3 * (self.n_layers * (proj + mlp) + attn + 2 * D * V)
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
