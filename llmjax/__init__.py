@@ -1,0 +1,40 @@
+"""llmjax: a JAX-native model zoo for large language models.
+
+    model = llmjax.build("llama3-tiny")
+    params = model.init(jax.random.key(0))
+    logits = model.apply(params, tokens)        # [B, T] int -> [B, T, V] float32
+"""
+
+from __future__ import annotations
+
+from llmjax.config import ConfigError, ModelConfig, RopeConfig
+from llmjax.models.model import KVCache, Model
+from llmjax.presets import PRESETS
+
+
+def build(name_or_config: str | ModelConfig, **overrides) -> Model:
+    """A ``Model`` from a preset name or a ``ModelConfig``; ``overrides`` replace config fields."""
+    from llmjax import presets
+
+    cfg = presets.get(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build() takes a preset name or a ModelConfig, got {type(cfg).__name__}")
+    return Model(cfg.replace(**overrides) if overrides else cfg)
+
+
+def from_hf(path, **kwargs):
+    """Load a local Hugging Face model directory: returns ``(model, params)``."""
+    from llmjax.interop.hf import from_hf as _from_hf
+
+    return _from_hf(path, **kwargs)
+
+
+def to_hf(model: Model, params, path, **kwargs):
+    """Write ``params`` as a Hugging Face model directory that ``transformers`` loads."""
+    from llmjax.interop.hf import to_hf as _to_hf
+
+    return _to_hf(model, params, path, **kwargs)
+
+
+__all__ = ["ConfigError", "KVCache", "Model", "ModelConfig", "PRESETS", "RopeConfig", "build",
+           "from_hf", "to_hf"]

@@ -1,0 +1,278 @@
+"""Load and save Hugging Face checkpoints (config.json + safetensors) for the supported families.
+
+Each architecture is a table of ``Tensor`` entries: one Hugging Face tensor and the llmjax parameter(s)
+it holds. Loading streams one tensor at a time from memory-mapped files, so an 8B checkpoint never needs
+twice its size in host memory; every missing, unexpected or mis-shaped tensor is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llmjax.config import ModelConfig, dtype_of
+from llmjax.interop import safetensors
+from llmjax.interop.hf_config import architecture_of, config_from_hf, config_to_hf
+from llmjax.models.model import Model
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint that does not match its config."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One Hugging Face tensor and the llmjax parameter paths it holds.
+
+    layout ``linear``: stored ``[out, in]`` (torch Linear); ``conv``: stored ``[in, out]`` (GPT-2's
+    Conv1D); ``flat``: a vector; ``same``: identical shape. ``n_in`` leading llmjax dims are inputs.
+    Several paths split the stored output dimension equally (GPT-2's fused q/k/v).
+    """
+
+    hf: str
+    paths: tuple[str, ...]
+    layout: str = "same"
+    n_in: int = 1
+
+
+def _decoder_table(cfg: ModelConfig, arch: str) -> list[Tensor]:
+    gemma = arch.startswith("Gemma")
+    t = [Tensor("model.embed_tokens.weight", ("embed",)), Tensor("model.norm.weight", ("final_norm.scale",))]
+    if not cfg.tie_embeddings:
+        t.append(Tensor("lm_head.weight", ("lm_head",), "linear"))
+    for i in range(cfg.n_layers):
+        hf, us = f"model.layers.{i}.", f"layers.{i}."
+        t += [
+            Tensor(hf + "self_attn.q_proj.weight", (us + "attn.wq",), "linear"),
+            Tensor(hf + "self_attn.k_proj.weight", (us + "attn.wk",), "linear"),
+            Tensor(hf + "self_attn.v_proj.weight", (us + "attn.wv",), "linear"),
+            Tensor(hf + "self_attn.o_proj.weight", (us + "attn.wo",), "linear", n_in=2),
+            Tensor(hf + "mlp.gate_proj.weight", (us + "mlp.gate",), "linear"),
+            Tensor(hf + "mlp.up_proj.weight", (us + "mlp.up",), "linear"),
+            Tensor(hf + "mlp.down_proj.weight", (us + "mlp.down",), "linear"),
+            Tensor(hf + "input_layernorm.weight", (us + "attn_norm.scale",)),
+        ]
+        if gemma:
+            t += [
+                Tensor(hf + "post_attention_layernorm.weight", (us + "attn_post_norm.scale",)),
+                Tensor(hf + "pre_feedforward_layernorm.weight", (us + "mlp_norm.scale",)),
+                Tensor(hf + "post_feedforward_layernorm.weight", (us + "mlp_post_norm.scale",)),
+            ]
+        else:
+            t.append(Tensor(hf + "post_attention_layernorm.weight", (us + "mlp_norm.scale",)))
+        if cfg.qk_norm:
+            t += [Tensor(hf + "self_attn.q_norm.weight", (us + "attn.q_norm.scale",)),
+                  Tensor(hf + "self_attn.k_norm.weight", (us + "attn.k_norm.scale",))]
+        if cfg.qkv_bias:
+            t += [Tensor(hf + f"self_attn.{n}_proj.bias", (us + f"attn.b{n}",), "flat") for n in "qkv"]
+        if cfg.out_bias:
+            t.append(Tensor(hf + "self_attn.o_proj.bias", (us + "attn.bo",), "flat"))
+        if cfg.mlp_bias:
+            t += [Tensor(hf + "mlp.gate_proj.bias", (us + "mlp.gate_bias",), "flat"),
+                  Tensor(hf + "mlp.up_proj.bias", (us + "mlp.up_bias",), "flat"),
+                  Tensor(hf + "mlp.down_proj.bias", (us + "mlp.down_bias",), "flat")]
+    return t
+
+
+def _gpt2_table(cfg: ModelConfig, prefix: str) -> list[Tensor]:
+    p = prefix
+    t = [Tensor(p + "wte.weight", ("embed",)), Tensor(p + "wpe.weight", ("pos_embed",)),
+         Tensor(p + "ln_f.weight", ("final_norm.scale",)), Tensor(p + "ln_f.bias", ("final_norm.bias",))]
+    if not cfg.tie_embeddings:
+        t.append(Tensor("lm_head.weight", ("lm_head",), "linear"))
+    for i in range(cfg.n_layers):
+        hf, us = f"{p}h.{i}.", f"layers.{i}."
+        qkv = tuple(us + f"attn.w{n}" for n in "qkv")
+        t += [
+            Tensor(hf + "ln_1.weight", (us + "attn_norm.scale",)),
+            Tensor(hf + "ln_1.bias", (us + "attn_norm.bias",)),
+            Tensor(hf + "attn.c_attn.weight", qkv, "conv"),
+            Tensor(hf + "attn.c_attn.bias", tuple(us + f"attn.b{n}" for n in "qkv"), "flat"),
+            Tensor(hf + "attn.c_proj.weight", (us + "attn.wo",), "conv", n_in=2),
+            Tensor(hf + "attn.c_proj.bias", (us + "attn.bo",), "flat"),
+            Tensor(hf + "ln_2.weight", (us + "mlp_norm.scale",)),
+            Tensor(hf + "ln_2.bias", (us + "mlp_norm.bias",)),
+            Tensor(hf + "mlp.c_fc.weight", (us + "mlp.up",), "conv"),
+            Tensor(hf + "mlp.c_fc.bias", (us + "mlp.up_bias",), "flat"),
+            Tensor(hf + "mlp.c_proj.weight", (us + "mlp.down",), "conv"),
+            Tensor(hf + "mlp.c_proj.bias", (us + "mlp.down_bias",), "flat"),
+        ]
+    return t
+
+
+def tensor_table(cfg: ModelConfig, arch: str, prefix: str = "transformer.") -> list[Tensor]:
+    if arch == "GPT2LMHeadModel":
+        return _gpt2_table(cfg, prefix)
+    return _decoder_table(cfg, arch)
+
+
+def _is_ignorable(name: str, cfg: ModelConfig) -> bool:
+    # Causal-mask buffers of old GPT-2 checkpoints, rotary caches, and a tied head saved anyway.
+    return (name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
+            or (cfg.tie_embeddings and name == "lm_head.weight"))
+
+
+# Shapes ----------------------------------------------------------------------------------------------
+def _split(shape, n_in):
+    return int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
+
+
+def hf_shape(entry: Tensor, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if entry.layout == "same":
+        return shapes[0]
+    if entry.layout == "flat":
+        return (sum(int(np.prod(s)) for s in shapes),)
+    n_in = _split(shapes[0], entry.n_in)[0]
+    n_out = sum(_split(s, entry.n_in)[1] for s in shapes)
+    return (n_out, n_in) if entry.layout == "linear" else (n_in, n_out)
+
+
+def to_llmjax(entry: Tensor, arr: np.ndarray, shapes) -> list[np.ndarray]:
+    if entry.layout in ("same", "flat"):
+        parts = np.split(arr.reshape(-1), len(shapes)) if entry.layout == "flat" else [arr]
+        return [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
+    w = arr.T if entry.layout == "linear" else arr  # now [in, out]
+    parts = np.split(w, len(shapes), axis=1)
+    return [np.ascontiguousarray(p).reshape(s) for p, s in zip(parts, shapes, strict=True)]
+
+
+def to_hf_tensor(entry: Tensor, arrays: list[np.ndarray]) -> np.ndarray:
+    if entry.layout == "same":
+        return arrays[0]
+    if entry.layout == "flat":
+        return np.concatenate([a.reshape(-1) for a in arrays])
+    w = np.concatenate([a.reshape(_split(a.shape, entry.n_in)) for a in arrays], axis=1)
+    return np.ascontiguousarray(w.T if entry.layout == "linear" else w)
+
+
+# Reading -------------------------------------------------------------------------------------------
+class _Checkpoint:
+    """The safetensors files of one model directory (single file or sharded with an index)."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {f: safetensors.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+            self.where = {name: files[f] for name, f in weight_map.items()}
+        elif (path / "model.safetensors").exists():
+            single = safetensors.SafetensorsFile(path / "model.safetensors")
+            self.where = {name: single for name in single.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin "
+                "checkpoints are not read; convert them with transformers' save_pretrained)")
+
+    def names(self):
+        return set(self.where)
+
+
+def _unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(int(p) if p.isdigit() else p, {})
+        node[int(leaf) if leaf.isdigit() else leaf] = value
+    return tree
+
+
+def _flatten(tree, prefix="") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def from_hf(path, *, param_dtype: str | None = None, dtype: str | None = None, shardings=None,
+            **config_overrides) -> tuple[Model, dict]:
+    """``(model, params)`` from a local Hugging Face directory; nothing is downloaded.
+
+    ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to ``param_dtype``.
+    ``shardings`` (a tree like the params of ``jax.sharding.Sharding``) places each tensor as it loads.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; `path` must be a local Hugging Face model "
+                                "directory (llmjax never downloads)")
+    hf = json.loads((path / "config.json").read_text())
+    arch = architecture_of(hf)
+    ckpt = _Checkpoint(path)
+    stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
+    cfg = config_from_hf(hf, param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides)
+    model = Model(cfg)
+    shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
+    flat_shardings = _flatten(shardings) if shardings is not None else {}
+
+    prefix = "transformer." if any(n.startswith("transformer.") for n in ckpt.names()) else ""
+    table = tensor_table(cfg, arch, prefix)
+    missing = [e.hf for e in table if e.hf not in ckpt.where]
+    expected = {e.hf for e in table}
+    unexpected = sorted(n for n in ckpt.names() - expected if not _is_ignorable(n, cfg))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its {arch} config: missing tensors "
+                              f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected tensors "
+                              f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    pdt = dtype_of(param_dtype)
+    flat = {}
+    for entry in table:
+        f = ckpt.where[entry.hf]
+        want = hf_shape(entry, [shapes[p] for p in entry.paths])
+        if f.shape(entry.hf) != want:
+            raise CheckpointError(f"tensor {entry.hf!r} has shape {list(f.shape(entry.hf))}, expected "
+                                  f"{list(want)} from config.json")
+        arrays = to_llmjax(entry, f.get(entry.hf), [shapes[p] for p in entry.paths])
+        for p, a in zip(entry.paths, arrays, strict=True):
+            flat[p] = jax.device_put(a.astype(pdt), flat_shardings.get(p))
+    return model, _unflatten(flat)
+
+
+# Writing -------------------------------------------------------------------------------------------
+def to_hf(model: Model, params, path, *, architecture: str | None = None,
+          max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``config.json`` and safetensors (sharded above ``max_shard_bytes``) to ``path``."""
+    cfg = model.config
+    hf = config_to_hf(cfg, architecture)
+    arch = hf["architectures"][0]
+    flat = _flatten(params)
+    table = tensor_table(cfg, arch)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pdt = np.dtype(dtype_of(cfg.param_dtype))
+
+    def producer(entry):
+        return lambda: to_hf_tensor(entry, [np.asarray(jax.device_get(flat[p])) for p in entry.paths])
+
+    entries = [(e.hf, hf_shape(e, [tuple(flat[p].shape) for p in e.paths]), pdt, producer(e))
+               for e in table]
+    shards, current, size = [], [], 0
+    for e in entries:
+        nbytes = int(np.prod(e[1])) * pdt.itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        safetensors.write(path / "model.safetensors", shards[0], meta)
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            safetensors.write(path / fname, shard, meta)
+            for name, shape, _, _ in shard:
+                weight_map[name] = fname
+                total += int(np.prod(shape)) * pdt.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    return path

@@ -1,0 +1,92 @@
+"""Scaled dot-product attention with llmjax's masking rules, and the switch between implementations.
+
+Masks are built from *slots* (indices into the key/value sequence), never from RoPE positions, so
+packed documents, left padding and KV caches all use one rule: query at slot i sees key at slot j iff
+``j <= i``, ``i - j < window`` (local layers) and both carry the same segment id. Segment id 0 marks
+padding: padded keys are invisible to real tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_once(message: str):
+    log.warning(message)
+
+
+def attention_mask(q_slot_BT, q_seg_BT, kv_seg_BS, window):
+    """Boolean [B, T, S] visibility of key slots for each query."""
+    kv_slot_S = jnp.arange(kv_seg_BS.shape[1], dtype=jnp.int32)
+    dist_BTS = q_slot_BT[:, :, None] - kv_slot_S[None, None, :]
+    mask = (dist_BTS >= 0) & (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :])
+    if window is not None:
+        mask &= dist_BTS < window
+    return mask
+
+
+def xla_attention(q_BTHC, k_BSKC, v_BSKC, mask_BTS, *, scale, softcap):
+    """Reference attention: grouped heads share K/V without materialising copies."""
+    B, T, H, C = q_BTHC.shape
+    K = k_BSKC.shape[2]
+    q_BTKGC = q_BTHC.reshape(B, T, K, H // K, C)
+    logits = jnp.einsum(
+        "BTKGC,BSKC->BKGTS", q_BTKGC, k_BSKC, preferred_element_type=jnp.float32
+    ) * jnp.float32(scale)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = mask_BTS[:, None, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # A query that sees no key (e.g. padding) returns zeros rather than an average of masked values.
+    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("BKGTS,BSKC->BTKGC", probs.astype(v_BSKC.dtype), v_BSKC)
+    return out.reshape(B, T, H, C)
+
+
+def attend(q, k, v, *, q_slot, q_seg, kv_seg, window, softcap, scale, impl, decode_lengths=None,
+           packed=False):
+    """Dispatch to the configured implementation, falling back to XLA with a stated reason.
+
+    ``decode_lengths`` is set when keys come from a KV cache (valid slots per sequence after this
+    step's write); ``packed`` says whether segment ids or padding are in play.
+    """
+    if impl == "pallas":
+        import kernels
+
+        if decode_lengths is None:
+            return kernels.flash_attention(
+                q, k, v, causal=True, sliding_window=window,
+                segment_ids=(q_seg, kv_seg) if packed else None,
+                logit_soft_cap=softcap, scale=scale,
+            )
+        if not packed:
+            return kernels.decode_attention(
+                q, k, v, decode_lengths, sliding_window=window, logit_soft_cap=softcap, scale=scale
+            )
+        _warn_once("attention_impl='pallas': a KV cache holding padding or segments uses XLA "
+                   "attention (the decode kernel masks by length only)")
+    elif impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            _warn_once(f"attention_impl='cudnn' needs a GPU (backend is {jax.default_backend()}); "
+                       "using XLA attention")
+        elif softcap is not None:
+            _warn_once("attention_impl='cudnn': cuDNN has no logit soft-capping; using XLA attention")
+        elif decode_lengths is None and not packed:
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+                local_window_size=None if window is None else (window - 1, 0),
+            )
+        else:
+            mask = attention_mask(q_slot, q_seg, kv_seg, window)[:, None]
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                implementation="cudnn")
+    return xla_attention(q, k, v, attention_mask(q_slot, q_seg, kv_seg, window), scale=scale,
+                         softcap=softcap)

@@ -1,0 +1,75 @@
+"""Multi-head attention with GQA/MQA, optional q/k norms, biases, RoPE and a KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax import axes
+from llmjax.config import ModelConfig, dtype_of
+from llmjax.layers.attend import attend
+from llmjax.layers.norms import Norm
+from llmjax.layers.params import dense, zeros
+from llmjax.layers.rope import apply_rope
+
+
+def write_cache(cache_BSKC, new_BTKC, start_B):
+    """Write each sequence's new keys (or values) at its own start slot."""
+    update = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(update)(cache_BSKC, new_BTKC, start_B)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        D, H, K, C = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+        self.window = cfg.layer_window(layer)
+        self.softcap, self.scale = cfg.attn_logit_softcap, cfg.resolved_query_scale
+        self.impl, self.dtype = cfg.attention_impl, dtype_of(cfg.dtype)
+        self.wq = dense(cfg, rngs, (D, H, C), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))
+        self.wk = dense(cfg, rngs, (D, K, C), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+        self.wv = dense(cfg, rngs, (D, K, C), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+        self.wo = dense(cfg, rngs, (H, C, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
+                        depth_scaled=True)
+        self.qkv_bias, self.out_bias = cfg.qkv_bias, cfg.out_bias
+        if cfg.qkv_bias:
+            self.bq = zeros(cfg, (H, C), (axes.HEADS, axes.HEAD_DIM))
+            self.bk = zeros(cfg, (K, C), (axes.KV_HEADS, axes.HEAD_DIM))
+            self.bv = zeros(cfg, (K, C), (axes.KV_HEADS, axes.HEAD_DIM))
+        if cfg.out_bias:
+            self.bo = zeros(cfg, (D,), (axes.EMBED,))
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, C, axis_name=axes.HEAD_DIM)
+            self.k_norm = Norm(cfg, C, axis_name=axes.HEAD_DIM)
+
+    def __call__(self, x_BTD, rope_cs, ctx, cache=None):
+        """``ctx`` holds the masking inputs shared by all layers (see ``Transformer``).
+
+        Returns the block output and, with a cache, the layer's updated (k, v) cache.
+        """
+        dt = self.dtype
+        q = jnp.einsum("BTD,DHC->BTHC", x_BTD, self.wq[...].astype(dt))
+        k = jnp.einsum("BTD,DKC->BTKC", x_BTD, self.wk[...].astype(dt))
+        v = jnp.einsum("BTD,DKC->BTKC", x_BTD, self.wv[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope_cs is not None:
+            q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
+        q = axes.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
+        decode_lengths = None
+        if cache is not None:
+            k = write_cache(cache[0], k, ctx.start_B)
+            v = write_cache(cache[1], v, ctx.start_B)
+            cache = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
+            decode_lengths = ctx.start_B + x_BTD.shape[1]
+        out = attend(q, k, v, q_slot=ctx.q_slot_BT, q_seg=ctx.q_seg_BT, kv_seg=ctx.kv_seg_BS,
+                     window=self.window, softcap=self.softcap, scale=self.scale, impl=self.impl,
+                     decode_lengths=decode_lengths, packed=ctx.packed)
+        out_BTD = jnp.einsum("BTHC,HCD->BTD", out.astype(dt), self.wo[...].astype(dt))
+        if self.out_bias:
+            out_BTD = out_BTD + self.bo[...].astype(dt)
+        return out_BTD, cache

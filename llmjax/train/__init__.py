@@ -1,0 +1,34 @@
+"""One training loop for every recipe: pure jitted step, orbax checkpoints, metrics."""
+
+from llmjax.train.config import (
+    LoopConfig,
+    OptimizerConfig,
+    TrainConfig,
+    model_config_from_dict,
+    override,
+    valid_keys,
+)
+from llmjax.train.loop import TrainingDiverged, TrainResult, evaluate, train
+from llmjax.train.losses import masked_cross_entropy, next_token_loss
+from llmjax.train.optim import lr_schedule, make_optimizer
+from llmjax.train.step import init_state, make_eval_step, make_train_step
+
+__all__ = [
+    "LoopConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "evaluate",
+    "init_state",
+    "lr_schedule",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "masked_cross_entropy",
+    "model_config_from_dict",
+    "next_token_loss",
+    "override",
+    "train",
+    "valid_keys",
+]
