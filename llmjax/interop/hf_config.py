@@ -181,6 +181,10 @@ def _rope_to(rope: RopeConfig) -> dict | None:
     return out
 
 
+def _integral(x: float) -> int | float:
+    return round(x) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
+
+
 def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
     """A Hugging Face config dict for ``cfg``; raises if ``arch`` cannot express it exactly."""
     arch = arch or default_architecture(cfg)
@@ -218,7 +222,7 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
                 hf["max_window_layers"] = kinds.index("local") if "local" in kinds else cfg.n_layers
         if arch.startswith("Gemma"):
             hf.update(hidden_activation=hf.pop("hidden_act"),
-                      query_pre_attn_scalar=cfg.resolved_query_scale**-2,
+                      query_pre_attn_scalar=_integral(cfg.resolved_query_scale**-2),
                       attn_logit_softcapping=cfg.attn_logit_softcap,
                       final_logit_softcapping=cfg.final_logit_softcap)
         if arch == "Gemma3ForCausalLM":

@@ -57,11 +57,11 @@ class Model:
     def init(self, key) -> dict:
         """Random parameters as a nested dict of arrays (wrap in ``jax.jit`` for speed and sharding)."""
         module = Transformer(self.config, rngs=nnx.Rngs(params=key))
-        return nnx.state(module, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
     def abstract_params(self) -> dict:
         """``jax.ShapeDtypeStruct`` leaves: the parameter tree without allocating memory."""
-        return self._abstract_state.to_pure_dict()
+        return nnx.to_pure_dict(self._abstract_state)
 
     def param_axes(self) -> dict:
         """Logical axis names of every parameter, in a tree shaped like the parameters."""

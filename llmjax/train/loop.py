@@ -132,7 +132,7 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
     result = TrainResult(start, state, resumed_from=start if restored else None)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     last_saved = start if restored else None
-    t_log, steps_since_log = time.perf_counter(), 0
+    step_time, steps_since_log = 0.0, 0  # seconds in data + step only (not eval or saving)
 
     try:
         with _StopFlag() as stop, mesh_lib.activation_rules(mesh):
@@ -144,7 +144,7 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
                 loss = float(m["loss"])
                 if step == start + 1:
                     log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s")
-                    t_log, steps_since_log = time.perf_counter(), 0
+                    step_time, steps_since_log = 0.0, 0  # seconds in data + step only (not eval or saving)
                 else:
                     steps_since_log += 1
                 if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
@@ -169,15 +169,14 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
                                      f"perplexity {ppl:.2f}")
 
                 if step % loop.log_every == 0 or last or step == start + 1:
-                    dt = time.perf_counter() - t_log
-                    tps = tokens_per_step * steps_since_log / dt if steps_since_log else 0.0
+                    tps = tokens_per_step * steps_since_log / max(step_time, 1e-9)
                     rec = {"loss": loss, "learning_rate": float(m["learning_rate"]),
                            "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps}
                     rec.update({k: float(v) for k, v in m.items() if k not in rec
                                 and k not in ("tokens",) and np.ndim(v) == 0})
                     metrics.write(step, rec)
                     progress.update(step, loss, tps)
-                    t_log, steps_since_log = time.perf_counter(), 0
+                    step_time, steps_since_log = 0.0, 0  # seconds in data + step only (not eval or saving)
 
                 stopping = stop.signum is not None
                 if last or stopping or eval_loss is not None or (

@@ -1,0 +1,238 @@
+"""``llmjax`` command line: pretrain, eval, generate, export, plot, tokenizer train."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+
+
+def _bad_input_types():
+    from llmjax.checkpoint import CheckpointError
+    from llmjax.config import ConfigError
+    from llmjax.data import DataError
+
+    return (ConfigError, DataError, CheckpointError, KeyError, FileNotFoundError)
+
+
+# --- pretrain ------------------------------------------------------------------------------------
+
+
+def build_pretrain_config(args):
+    """The recipe's config with ``--preset`` and the flag / ``--set`` overrides applied."""
+    from llmjax.train.config import override
+    from recipes import pretrain
+
+    cfg = pretrain.get(args.recipe)
+    if args.preset:
+        cfg = pretrain.with_preset(cfg, args.preset)
+    sets = list(args.set or [])
+    flags = {"data.paths": ",".join(args.data) if args.data else None,
+             "loop.steps": args.steps, "data.batch_size": args.batch_size,
+             "data.seq_len": args.seq_len, "loop.save_every": args.save_every,
+             "loop.log_every": args.log_every, "loop.mesh": args.mesh,
+             "data.tokenizer": args.tokenizer}
+    sets = [f"{k}={v}" for k, v in flags.items() if v is not None] + sets
+    for assignment in sets:
+        cfg = override(cfg, assignment)
+    return cfg
+
+
+def cmd_pretrain(args) -> int:
+    from recipes import pretrain
+
+    cfg = build_pretrain_config(args)
+    out = Path(args.out)
+    result = pretrain.run(cfg, out)
+    if result.stopped != "done":
+        print(f"stopped at step {result.step}; run the same command to resume", file=sys.stderr)
+        return 143
+    return 0
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def load_run(ckpt: str):
+    """``(model, params, meta, tokenizer, step_dir)`` from a run or step directory."""
+    import jax
+
+    import llmjax
+    from llmjax.checkpoint import resolve_checkpoint, restore
+    from llmjax.data import DataError, Tokenizer
+    from llmjax.train.config import OptimizerConfig, model_config_from_dict
+    from llmjax.train.optim import make_optimizer
+    from llmjax.train.step import init_state
+
+    step_dir = resolve_checkpoint(ckpt)
+    from llmjax.checkpoint import read_meta
+
+    meta = read_meta(step_dir)
+    cfg = meta["config"]
+    model = llmjax.build(model_config_from_dict(cfg["model"]))
+    tx = make_optimizer(OptimizerConfig(**cfg["optim"]), cfg["loop"]["steps"])
+    abstract = jax.eval_shape(lambda: init_state(model, tx, 0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
+    state, _ = restore(step_dir, abstract)
+    # The tokenizer: the configured file, else the one trained into the run directory.
+    run_dir = step_dir.parent.parent
+    candidates = [Path(cfg["data"]["tokenizer"])] if cfg["data"]["tokenizer"] else []
+    candidates += sorted((run_dir / "tokenizer").glob("*.model"))
+    for path in candidates:
+        if path.is_file():
+            tok = Tokenizer.load(path)
+            if tok.sha256 == meta["tokenizer_sha256"]:
+                return model, state["params"], meta, tok, step_dir
+    raise DataError(f"the tokenizer of {step_dir} (sha256 {meta['tokenizer_sha256'][:12]}) is "
+                    f"not in {run_dir / 'tokenizer'} nor at its configured path")
+
+
+def cmd_eval(args) -> int:
+    import jax
+
+    from llmjax.data import PackedRows, read_documents, resolve_paths, tokenize_documents
+    from llmjax.train import evaluate, make_eval_step, next_token_loss
+
+    model, params, meta, tok, step_dir = load_run(args.ckpt)
+    seq_len = args.seq_len or meta["config"]["data"]["seq_len"]
+    docs = read_documents(resolve_paths(args.data), meta["config"]["data"]["text_field"])
+    rows = PackedRows(tokenize_documents(docs, tok), seq_len)
+    loss = evaluate(jax.jit(make_eval_step(next_token_loss(model))), params, rows,
+                    args.batch_size, args.max_batches)
+    print(f"{step_dir}: loss {loss:.4f} perplexity {math.exp(min(loss, 700)):.3f} "
+          f"over {min(len(rows), args.batch_size * args.max_batches)} sequences of {seq_len}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from llmjax.train.sampling import generate
+
+    model, params, _, tok, _ = load_run(args.ckpt)
+    prompt = [tok.bos_id] + tok.encode(args.prompt)
+    ids = generate(model, params, prompt, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed, stop_id=tok.eos_id)
+    print(args.prompt + tok.decode(ids))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    import llmjax
+
+    model, params, _, tok, step_dir = load_run(args.ckpt)
+    llmjax.to_hf(model, params, args.out)
+    shutil.copy(tok.path, Path(args.out) / "tokenizer.model")
+    print(f"wrote {args.out} from {step_dir}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from llmjax.train.plot import plot_run
+
+    out = plot_run(args.dir, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from llmjax.data import TokenizerConfig, read_documents, resolve_paths
+    from llmjax.data.tokenizer import Tokenizer, training_lines
+
+    cfg = TokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type,
+                          max_lines=args.max_lines)
+    docs = read_documents(resolve_paths(args.data), args.text_field)
+    tok = Tokenizer.train(training_lines((d.text for d in docs), cfg.max_lines, cfg.seed), cfg)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {cfg.model_type}, {tok.vocab_size} pieces")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmjax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pt = sub.add_parser("pretrain", help="train a model from scratch (resumes from --out)")
+    pt.add_argument("--recipe", default="default", help="a recipe in recipes/pretrain.py")
+    pt.add_argument("--preset", help="replace the recipe's model by this preset")
+    pt.add_argument("--data", nargs="+", help="files, directories or globs (.txt, .jsonl, .py)")
+    pt.add_argument("--tokenizer", help="an existing SentencePiece .model (default: train one)")
+    pt.add_argument("--out", default="runs/pretrain", help="run directory (resumes if present)")
+    pt.add_argument("--steps", type=int)
+    pt.add_argument("--batch-size", type=int)
+    pt.add_argument("--seq-len", type=int)
+    pt.add_argument("--save-every", type=int)
+    pt.add_argument("--log-every", type=int)
+    pt.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,fsdp=-1")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any config field, e.g. optim.lr=1e-3 (repeatable)")
+    pt.set_defaults(fn=cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--data", nargs="+", required=True)
+    ev.add_argument("--seq-len", type=int)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, default=50)
+    ev.set_defaults(fn=cmd_eval)
+
+    ge = sub.add_parser("generate", help="sample a continuation of --prompt")
+    ge.add_argument("--ckpt", required=True)
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--max-new-tokens", type=int, default=100)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=40)
+    ge.add_argument("--seed", type=int, default=0)
+    ge.set_defaults(fn=cmd_generate)
+
+    ex = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
+    ex.add_argument("--ckpt", required=True)
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(fn=cmd_export)
+
+    pl = sub.add_parser("plot", help="write a loss-curve PNG of a run")
+    pl.add_argument("dir")
+    pl.add_argument("--out", help="PNG path (default: DIR/loss.png)")
+    pl.set_defaults(fn=cmd_plot)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tks = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tks.add_parser("train", help="train a SentencePiece tokenizer")
+    tt.add_argument("--data", nargs="+", required=True)
+    tt.add_argument("--vocab-size", type=int, default=1024)
+    tt.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    tt.add_argument("--max-lines", type=int, default=200_000)
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--out", required=True)
+    tt.set_defaults(fn=cmd_tokenizer_train)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return args.fn(args)
+    except Exception as e:
+        from llmjax.train import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"llmjax: training diverged: {e}", file=sys.stderr)
+            return 3
+        if isinstance(e, _bad_input_types()):
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"llmjax {args.command}: error: {msg}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
