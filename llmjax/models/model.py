@@ -38,8 +38,9 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
-def _concrete(x) -> bool:
-    return x is not None and not isinstance(x, jax.core.Tracer)
+def _host(x):
+    """``x`` as a numpy array when its value is known (eager calls), else None (under a trace)."""
+    return None if x is None or isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 class Model:
@@ -86,10 +87,10 @@ class Model:
             raise ValueError(f"tokens must be an int array [batch, length], got {tokens.dtype}"
                              f"{list(tokens.shape)}")
         B, T = tokens.shape
-        if _concrete(tokens) and tokens.size and (int(tokens.min()) < 0
-                                                  or int(tokens.max()) >= cfg.vocab_size):
+        ids = _host(tokens)
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size of "
-                             f"{cfg.name!r}); got min {int(tokens.min())}, max {int(tokens.max())}")
+                             f"{cfg.name!r}); got min {ids.min()}, max {ids.max()}")
         seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
         if attention_mask is not None:
             seg = jnp.where(jnp.asarray(attention_mask).astype(bool), seg, 0)
@@ -100,18 +101,20 @@ class Model:
             ctx = MaskContext(q_slot, seg, seg, None, packed)
         else:
             start = cache.length_B
-            if _concrete(start) and int(jnp.max(start)) + T > cache.max_len:
-                raise ValueError(f"KV cache overflow: {int(jnp.max(start))} slots used + {T} new "
-                                 f"tokens > max_len {cache.max_len}; build a longer cache")
+            used = _host(start)
+            if used is not None and used.max() + T > cache.max_len:
+                raise ValueError(f"KV cache overflow: {used.max()} slots used + {T} new tokens > "
+                                 f"max_len {cache.max_len}; build a longer cache")
             q_slot = start[:, None] + arange
             kv_seg = jax.vmap(lambda c, s, o: jax.lax.dynamic_update_slice(c, s, (o,)))(
                 cache.seg_BS, seg, start)
             packed = packed or cache.packed
             ctx = MaskContext(q_slot, seg, kv_seg, start, packed)
         positions = q_slot if positions is None else jnp.asarray(positions, jnp.int32)
-        if cfg.position == "learned" and _concrete(positions) and int(positions.max()) >= cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond max_seq_len="
-                             f"{cfg.max_seq_len} of {cfg.name!r} (learned position table)")
+        pos = _host(positions) if cfg.position == "learned" else None
+        if pos is not None and pos.size and pos.max() >= cfg.max_seq_len:
+            raise ValueError(f"position {pos.max()} is beyond max_seq_len={cfg.max_seq_len} of "
+                             f"{cfg.name!r} (learned position table)")
 
         state = jax.tree.map(lambda x: x, self._abstract_state)
         nnx.replace_by_pure_dict(state, params)

@@ -137,16 +137,15 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
     try:
         with _StopFlag() as stop, mesh_lib.activation_rules(mesh):
             for step in range(start + 1, loop.steps + 1):
-                batch = jax.device_put(next(data.train), batch_sh)
                 t0 = time.perf_counter()
+                batch = jax.device_put(next(data.train), batch_sh)
                 state, m = step_fn(state, batch)
                 m = jax.device_get(m)
                 loss = float(m["loss"])
+                step_time += time.perf_counter() - t0
+                steps_since_log += 1
                 if step == start + 1:
-                    log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s")
-                    step_time, steps_since_log = 0.0, 0  # seconds in data + step only (not eval or saving)
-                else:
-                    steps_since_log += 1
+                    log(f"compiled and ran the first step in {step_time:.1f}s")
                 if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
                     ckpt.wait()
                     where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
@@ -176,7 +175,7 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
                                 and k not in ("tokens",) and np.ndim(v) == 0})
                     metrics.write(step, rec)
                     progress.update(step, loss, tps)
-                    step_time, steps_since_log = 0.0, 0  # seconds in data + step only (not eval or saving)
+                    step_time, steps_since_log = 0.0, 0
 
                 stopping = stop.signum is not None
                 if last or stopping or eval_loss is not None or (
