@@ -1,8 +1,8 @@
 """llmjax: a JAX-native model zoo for large language models.
 
-    model = llmjax.build("llama3-tiny")
-    params = model.init(jax.random.key(0))
-    logits = model.apply(params, tokens)        # [B, T] int -> [B, T, V] float32
+model = llmjax.build("llama3-tiny")
+params = model.init(jax.random.key(0))
+logits = model.apply(params, tokens)        # [B, T] int -> [B, T, V] float32
 """
 
 from __future__ import annotations
@@ -36,5 +36,14 @@ def to_hf(model: Model, params, path, **kwargs):
     return _to_hf(model, params, path, **kwargs)
 
 
-__all__ = ["ConfigError", "KVCache", "Model", "ModelConfig", "PRESETS", "RopeConfig", "build",
-           "from_hf", "to_hf"]
+__all__ = [
+    "ConfigError",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "PRESETS",
+    "RopeConfig",
+    "build",
+    "from_hf",
+    "to_hf",
+]

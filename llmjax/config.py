@@ -56,7 +56,9 @@ class RopeConfig:
         if self.kind != "default" and self.factor <= 0:
             raise ConfigError(f"rope.factor={self.factor}: must be positive for kind={self.kind!r}")
         if self.kind in ("llama3", "yarn") and not self.original_max_len:
-            raise ConfigError(f"rope.kind={self.kind!r} needs rope.original_max_len (pretraining length)")
+            raise ConfigError(
+                f"rope.kind={self.kind!r} needs rope.original_max_len (pretraining length)"
+            )
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"rope.fraction={self.fraction}: must be in (0, 1]")
 
@@ -125,34 +127,60 @@ class ModelConfig:
                 raise ConfigError(f"{fld}={getattr(self, fld)!r}: {msg}")
 
         for fld in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            need(isinstance(getattr(self, fld), int) and getattr(self, fld) > 0, fld,
-                 "must be a positive int")
-        need(self.n_kv_heads is None or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
-             "n_kv_heads", f"must divide n_heads={self.n_heads} (1 for MQA, n_heads for MHA)")
-        need(self.head_dim is not None or self.d_model % self.n_heads == 0, "head_dim",
-             f"is None but d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set it")
+            need(
+                isinstance(getattr(self, fld), int) and getattr(self, fld) > 0,
+                fld,
+                "must be a positive int",
+            )
+        need(
+            self.n_kv_heads is None
+            or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
+            "n_kv_heads",
+            f"must divide n_heads={self.n_heads} (1 for MQA, n_heads for MHA)",
+        )
+        need(
+            self.head_dim is not None or self.d_model % self.n_heads == 0,
+            "head_dim",
+            f"is None but d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set it",
+        )
         need(self.head_dim is None or self.head_dim > 0, "head_dim", "must be positive")
         need(self.mlp_dim is None or self.mlp_dim > 0, "mlp_dim", "must be positive")
         need(self.norm in NORMS, "norm", f"expected one of {NORMS}")
         need(self.norm_eps > 0, "norm_eps", "must be positive")
         need(self.activation in ACTIVATIONS, "activation", f"expected one of {ACTIVATIONS}")
         need(self.position in POSITIONS, "position", f"expected one of {POSITIONS}")
-        need(isinstance(self.layer_pattern, tuple) and len(self.layer_pattern) > 0
-             and all(k in LAYER_KINDS for k in self.layer_pattern), "layer_pattern",
-             f"must be a non-empty tuple of {LAYER_KINDS}")
+        need(
+            isinstance(self.layer_pattern, tuple)
+            and len(self.layer_pattern) > 0
+            and all(k in LAYER_KINDS for k in self.layer_pattern),
+            "layer_pattern",
+            f"must be a non-empty tuple of {LAYER_KINDS}",
+        )
         if "local" in self.layer_kinds:
-            need(self.sliding_window is not None and self.sliding_window > 0, "sliding_window",
-                 "layer_pattern has 'local' layers, so sliding_window must be a positive int")
-        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
-             "must be a positive int or None")
+            need(
+                self.sliding_window is not None and self.sliding_window > 0,
+                "sliding_window",
+                "layer_pattern has 'local' layers, so sliding_window must be a positive int",
+            )
+        need(
+            self.sliding_window is None or self.sliding_window > 0,
+            "sliding_window",
+            "must be a positive int or None",
+        )
         rot = self.resolved_head_dim * self.rope.fraction
-        need(self.position != "rope" or (rot == int(rot) and int(rot) % 2 == 0), "head_dim",
-             "rotary channels (head_dim * rope.fraction) must be an even integer")
+        need(
+            self.position != "rope" or (rot == int(rot) and int(rot) % 2 == 0),
+            "head_dim",
+            "rotary channels (head_dim * rope.fraction) must be an even integer",
+        )
         for fld in ("attn_logit_softcap", "final_logit_softcap", "query_scale"):
             v = getattr(self, fld)
             need(v is None or v > 0, fld, "must be positive or None")
-        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-             f"expected one of {ATTENTION_IMPLS}")
+        need(
+            self.attention_impl in ATTENTION_IMPLS,
+            "attention_impl",
+            f"expected one of {ATTENTION_IMPLS}",
+        )
         need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
         need(self.remat in REMAT, "remat", f"expected one of {REMAT}")
@@ -192,7 +220,9 @@ class ModelConfig:
         valid = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - valid)
         if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(valid)}")
+            raise ConfigError(
+                f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(valid)}"
+            )
         return dataclasses.replace(self, **changes)
 
     def flops_per_token(self, seq_len: int) -> float:

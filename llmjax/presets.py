@@ -12,41 +12,79 @@ _LLAMA3_ROPE = dict(kind="llama3", low_freq_factor=1.0, high_freq_factor=4.0, or
 
 
 def gpt2(name, d_model, n_layers, n_heads, **kw):
-    base = dict(vocab_size=50257, mlp_dim=4 * d_model, max_seq_len=1024, norm="layernorm",
-                norm_eps=1e-5, position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-                activation="gelu_tanh", gated_mlp=False, tie_embeddings=True)
-    return ModelConfig(name=name, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                       **{**base, **kw})
+    base = dict(
+        vocab_size=50257,
+        mlp_dim=4 * d_model,
+        max_seq_len=1024,
+        norm="layernorm",
+        norm_eps=1e-5,
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        activation="gelu_tanh",
+        gated_mlp=False,
+        tie_embeddings=True,
+    )
+    return ModelConfig(
+        name=name, d_model=d_model, n_layers=n_layers, n_heads=n_heads, **{**base, **kw}
+    )
 
 
 def llama3(name, **kw):
-    base = dict(vocab_size=128256, norm_eps=1e-5, activation="silu", gated_mlp=True,
-                tie_embeddings=False)
+    base = dict(
+        vocab_size=128256, norm_eps=1e-5, activation="silu", gated_mlp=True, tie_embeddings=False
+    )
     return ModelConfig(name=name, **{**base, **kw})
 
 
 def mistral(name, **kw):
-    base = dict(vocab_size=32000, norm_eps=1e-5, activation="silu", gated_mlp=True,
-                tie_embeddings=False, layer_pattern=("local",), rope=RopeConfig(theta=10_000.0))
+    base = dict(
+        vocab_size=32000,
+        norm_eps=1e-5,
+        activation="silu",
+        gated_mlp=True,
+        tie_embeddings=False,
+        layer_pattern=("local",),
+        rope=RopeConfig(theta=10_000.0),
+    )
     return ModelConfig(name=name, **{**base, **kw})
 
 
 def qwen3(name, **kw):
-    base = dict(vocab_size=151936, norm_eps=1e-6, qk_norm=True, activation="silu", gated_mlp=True,
-                rope=RopeConfig(theta=1_000_000.0))
+    base = dict(
+        vocab_size=151936,
+        norm_eps=1e-6,
+        qk_norm=True,
+        activation="silu",
+        gated_mlp=True,
+        rope=RopeConfig(theta=1_000_000.0),
+    )
     return ModelConfig(name=name, **{**base, **kw})
 
 
 def gemma(name, **kw):
     """Gemma 2 and 3 share RMSNorm(1 + w), sandwich norms, GeGLU and scaled embeddings."""
-    base = dict(norm_eps=1e-6, norm_unit_offset=True, post_norms=True, activation="gelu_tanh",
-                gated_mlp=True, embed_scale=True, tie_embeddings=True)
+    base = dict(
+        norm_eps=1e-6,
+        norm_unit_offset=True,
+        post_norms=True,
+        activation="gelu_tanh",
+        gated_mlp=True,
+        embed_scale=True,
+        tie_embeddings=True,
+    )
     return ModelConfig(name=name, **{**base, **kw})
 
 
 def gemma2(name, **kw):
-    base = dict(vocab_size=256000, layer_pattern=("local", "global"), attn_logit_softcap=50.0,
-                final_logit_softcap=30.0, max_seq_len=8192)
+    base = dict(
+        vocab_size=256000,
+        layer_pattern=("local", "global"),
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        max_seq_len=8192,
+    )
     return gemma(name, **{**base, **kw})
 
 
@@ -54,8 +92,13 @@ def gemma3(name, *, rope_factor=None, **kw):
     rope = RopeConfig(theta=1_000_000.0)
     if rope_factor:
         rope = RopeConfig(theta=1_000_000.0, kind="linear", factor=rope_factor)
-    base = dict(vocab_size=262144, qk_norm=True, layer_pattern=("local",) * 5 + ("global",),
-                rope=rope, local_rope=RopeConfig(theta=10_000.0))
+    base = dict(
+        vocab_size=262144,
+        qk_norm=True,
+        layer_pattern=("local",) * 5 + ("global",),
+        rope=rope,
+        local_rope=RopeConfig(theta=10_000.0),
+    )
     return gemma(name, **{**base, **kw})
 
 
@@ -65,39 +108,169 @@ PRESETS: dict[str, ModelConfig] = {
         gpt2("gpt2-124m", 768, 12, 12),
         gpt2("gpt2-355m", 1024, 24, 16),
         gpt2("gpt2-tiny", 64, 2, 4, max_seq_len=128, vocab_size=512),
-        llama3("llama3.2-1b", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-               mlp_dim=8192, max_seq_len=131072, tie_embeddings=True,
-               rope=RopeConfig(theta=500_000.0, factor=32.0, **_LLAMA3_ROPE)),
-        llama3("llama3.1-8b", d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, mlp_dim=14336,
-               max_seq_len=131072, rope=RopeConfig(theta=500_000.0, factor=8.0, **_LLAMA3_ROPE)),
-        llama3("llama3-tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-               mlp_dim=128, max_seq_len=256,
-               rope=RopeConfig(theta=500_000.0, factor=8.0, kind="llama3", original_max_len=64)),
-        mistral("mistral-7b", d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, mlp_dim=14336,
-                max_seq_len=32768, sliding_window=4096),
-        mistral("mistral-tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                mlp_dim=128, max_seq_len=256, sliding_window=16),
-        qwen3("qwen3-0.6b", d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
-              mlp_dim=3072, max_seq_len=40960, tie_embeddings=True),
-        qwen3("qwen3-8b", d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
-              mlp_dim=12288, max_seq_len=40960, tie_embeddings=False),
-        qwen3("qwen3-tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-              head_dim=32, mlp_dim=128, max_seq_len=256, tie_embeddings=True),
-        gemma2("gemma2-2b", d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256,
-               mlp_dim=9216, sliding_window=4096, query_scale=256**-0.5),
-        gemma2("gemma2-9b", d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8, head_dim=256,
-               mlp_dim=14336, sliding_window=4096, query_scale=256**-0.5),
-        gemma2("gemma2-tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-               head_dim=32, mlp_dim=128, max_seq_len=256, sliding_window=16,
-               query_scale=24**-0.5),
-        gemma3("gemma3-1b", d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256,
-               mlp_dim=6912, max_seq_len=32768, sliding_window=512, query_scale=256**-0.5),
-        gemma3("gemma3-4b", vocab_size=262208, d_model=2560, n_layers=34, n_heads=8, n_kv_heads=4,
-               head_dim=256, mlp_dim=10240, max_seq_len=131072, sliding_window=1024,
-               query_scale=256**-0.5, rope_factor=8.0),
-        gemma3("gemma3-tiny", vocab_size=512, d_model=64, n_layers=6, n_heads=4, n_kv_heads=1,
-               head_dim=32, mlp_dim=128, max_seq_len=256, sliding_window=16,
-               query_scale=32**-0.5, rope_factor=8.0),
+        llama3(
+            "llama3.2-1b",
+            d_model=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=64,
+            mlp_dim=8192,
+            max_seq_len=131072,
+            tie_embeddings=True,
+            rope=RopeConfig(theta=500_000.0, factor=32.0, **_LLAMA3_ROPE),
+        ),
+        llama3(
+            "llama3.1-8b",
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            mlp_dim=14336,
+            max_seq_len=131072,
+            rope=RopeConfig(theta=500_000.0, factor=8.0, **_LLAMA3_ROPE),
+        ),
+        llama3(
+            "llama3-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_dim=128,
+            max_seq_len=256,
+            rope=RopeConfig(theta=500_000.0, factor=8.0, kind="llama3", original_max_len=64),
+        ),
+        mistral(
+            "mistral-7b",
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            mlp_dim=14336,
+            max_seq_len=32768,
+            sliding_window=4096,
+        ),
+        mistral(
+            "mistral-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_dim=128,
+            max_seq_len=256,
+            sliding_window=16,
+        ),
+        qwen3(
+            "qwen3-0.6b",
+            d_model=1024,
+            n_layers=28,
+            n_heads=16,
+            n_kv_heads=8,
+            head_dim=128,
+            mlp_dim=3072,
+            max_seq_len=40960,
+            tie_embeddings=True,
+        ),
+        qwen3(
+            "qwen3-8b",
+            d_model=4096,
+            n_layers=36,
+            n_heads=32,
+            n_kv_heads=8,
+            head_dim=128,
+            mlp_dim=12288,
+            max_seq_len=40960,
+            tie_embeddings=False,
+        ),
+        qwen3(
+            "qwen3-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            mlp_dim=128,
+            max_seq_len=256,
+            tie_embeddings=True,
+        ),
+        gemma2(
+            "gemma2-2b",
+            d_model=2304,
+            n_layers=26,
+            n_heads=8,
+            n_kv_heads=4,
+            head_dim=256,
+            mlp_dim=9216,
+            sliding_window=4096,
+            query_scale=256**-0.5,
+        ),
+        gemma2(
+            "gemma2-9b",
+            d_model=3584,
+            n_layers=42,
+            n_heads=16,
+            n_kv_heads=8,
+            head_dim=256,
+            mlp_dim=14336,
+            sliding_window=4096,
+            query_scale=256**-0.5,
+        ),
+        gemma2(
+            "gemma2-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            mlp_dim=128,
+            max_seq_len=256,
+            sliding_window=16,
+            query_scale=24**-0.5,
+        ),
+        gemma3(
+            "gemma3-1b",
+            d_model=1152,
+            n_layers=26,
+            n_heads=4,
+            n_kv_heads=1,
+            head_dim=256,
+            mlp_dim=6912,
+            max_seq_len=32768,
+            sliding_window=512,
+            query_scale=256**-0.5,
+        ),
+        gemma3(
+            "gemma3-4b",
+            vocab_size=262208,
+            d_model=2560,
+            n_layers=34,
+            n_heads=8,
+            n_kv_heads=4,
+            head_dim=256,
+            mlp_dim=10240,
+            max_seq_len=131072,
+            sliding_window=1024,
+            query_scale=256**-0.5,
+            rope_factor=8.0,
+        ),
+        gemma3(
+            "gemma3-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=6,
+            n_heads=4,
+            n_kv_heads=1,
+            head_dim=32,
+            mlp_dim=128,
+            max_seq_len=256,
+            sliding_window=16,
+            query_scale=32**-0.5,
+            rope_factor=8.0,
+        ),
     ]
 }
 

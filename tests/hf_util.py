@@ -9,25 +9,50 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # Small dims shared by every family; individual tests override what they exercise.
-BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 
 CONFIGS = {
     "llama": lambda **kw: transformers.LlamaConfig(**{**BASE, "rms_norm_eps": 1e-5, **kw}),
     "mistral": lambda **kw: transformers.MistralConfig(**{**BASE, "sliding_window": 5, **kw}),
     "qwen3": lambda **kw: transformers.Qwen3Config(**{**BASE, **kw}),
     "gemma2": lambda **kw: transformers.Gemma2Config(
-        **{**BASE, "sliding_window": 5, "query_pre_attn_scalar": 24, **kw}),
+        **{**BASE, "sliding_window": 5, "query_pre_attn_scalar": 24, **kw}
+    ),
     "gemma3": lambda **kw: transformers.Gemma3TextConfig(
-        **{**BASE, "sliding_window": 5, "query_pre_attn_scalar": 24, "num_hidden_layers": 4,
-           "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
-                           "sliding_attention"], **kw}),
+        **{
+            **BASE,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 24,
+            "num_hidden_layers": 4,
+            "layer_types": [
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
+            **kw,
+        }
+    ),
     "gpt2": lambda **kw: transformers.GPT2Config(
-        **{"vocab_size": 97, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 128, **kw}),
+        **{"vocab_size": 97, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 128, **kw}
+    ),
 }
 CLASSES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
 }
 
 
@@ -45,8 +70,11 @@ def build_hf(family: str, seed: int = 0, **config):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:  # norm scales and biases: away from their identity values
-                p.copy_(0.5 + 0.3 * torch.randn(p.shape, generator=gen) if "norm" in name
-                        or "ln_" in name else 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(
+                    0.5 + 0.3 * torch.randn(p.shape, generator=gen)
+                    if "norm" in name or "ln_" in name
+                    else 0.1 * torch.randn(p.shape, generator=gen)
+                )
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 / p.shape[-1] ** 0.5)
     return model

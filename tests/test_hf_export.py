@@ -12,7 +12,7 @@ import llmjax
 from llmjax.interop.hf import CheckpointError
 from llmjax.interop.hf_config import UnsupportedConfig
 from llmjax.interop.safetensors import SafetensorsFile, write
-from tests.hf_util import build_hf, hf_logits, random_tokens, transformers
+from tests.hf_util import build_hf, hf_logits, random_tokens, torch, transformers
 
 TINY = ["gpt2-tiny", "llama3-tiny", "mistral-tiny", "qwen3-tiny", "gemma2-tiny", "gemma3-tiny"]
 
@@ -22,8 +22,10 @@ def _randomised(model, seed=0):
     params = model.init(jax.random.key(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x * 5.0
-              for x, k in zip(leaves, keys, strict=True)]
+    leaves = [
+        x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x * 5.0
+        for x, k in zip(leaves, keys, strict=True)
+    ]
     return jax.tree.unflatten(tree, leaves)
 
 
@@ -33,7 +35,9 @@ def test_to_hf_loads_in_transformers_with_equal_logits(tmp_path, preset):
     params = _randomised(model)
     llmjax.to_hf(model, params, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
-    assert type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+    assert (
+        type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
+    )
     tokens = random_tokens(2, 20, vocab=model.config.vocab_size)
     ours = np.asarray(model.apply(params, tokens))
     assert np.abs(ours - hf_logits(hf.eval(), tokens)).max() <= 1e-4
@@ -50,13 +54,17 @@ def test_to_hf_shards_large_checkpoints(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     tokens = random_tokens(1, 8, vocab=512)
-    assert np.abs(np.asarray(model.apply(params, tokens)) - hf_logits(hf.eval(), tokens)).max() <= 1e-4
+    assert (
+        np.abs(np.asarray(model.apply(params, tokens)) - hf_logits(hf.eval(), tokens)).max() <= 1e-4
+    )
 
 
 def test_inexpressible_config_is_refused(tmp_path):
     model = llmjax.build("qwen3-tiny", post_norms=True)
     params = model.init(jax.random.key(0))
-    with pytest.raises(UnsupportedConfig, match="cannot be expressed as Gemma3ForCausalLM: norm_unit"):
+    with pytest.raises(
+        UnsupportedConfig, match="cannot be expressed as Gemma3ForCausalLM: norm_unit"
+    ):
         llmjax.to_hf(model, params, tmp_path)
     with pytest.raises(UnsupportedConfig, match="as LlamaForCausalLM: .*qk_norm: True"):
         llmjax.to_hf(llmjax.build("qwen3-tiny"), params, tmp_path, architecture="LlamaForCausalLM")
@@ -70,31 +78,44 @@ def _saved(tmp_path, family="llama"):
 def _rewrite(path, edit):
     """Rewrite model.safetensors after ``edit(dict name -> array)``."""
     f = SafetensorsFile(path / "model.safetensors")
-    tensors = {n: np.array(f.get(n)) for n in f.keys()}
+    tensors = {n: np.array(f.get(n)) for n in f.names()}
     del f
     edit(tensors)
-    write(path / "model.safetensors", [(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()])
+    write(
+        path / "model.safetensors",
+        [(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()],
+    )
 
 
 def test_missing_tensor_is_named(tmp_path):
     path = _saved(tmp_path)
     _rewrite(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"
+    ):
         llmjax.from_hf(path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
     path = _saved(tmp_path)
     _rewrite(path, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.layers.0.extra.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensors \['model.layers.0.extra.weight'\]"
+    ):
         llmjax.from_hf(path)
 
 
 def test_misshaped_tensor_names_expected_shape(tmp_path):
     path = _saved(tmp_path)
-    _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((16, 64),
-                                                                                           np.float32)}))
-    with pytest.raises(CheckpointError, match=r"k_proj.weight' has shape \[16, 64\], expected \[32, 64\]"):
+    _rewrite(
+        path,
+        lambda t: t.update(
+            {"model.layers.0.self_attn.k_proj.weight": np.zeros((16, 64), np.float32)}
+        ),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"k_proj.weight' has shape \[16, 64\], expected \[32, 64\]"
+    ):
         llmjax.from_hf(path)
 
 
@@ -120,7 +141,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
 
 
 def test_bf16_checkpoint_loads_as_bf16(tmp_path):
-    hf = build_hf("qwen3").to(dtype=transformers.AutoConfig and __import__("torch").bfloat16)
+    hf = build_hf("qwen3").to(dtype=torch.bfloat16)
     hf.save_pretrained(tmp_path)
     model, params = llmjax.from_hf(tmp_path)
     assert model.config.param_dtype == "bfloat16"

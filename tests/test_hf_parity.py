@@ -18,27 +18,64 @@ VARIANTS = [
     ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),  # MHA, tied
     ("llama", {"attention_bias": True, "mlp_bias": True}),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0}}),
-    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
-                                   "rope_theta": 500000.0}}),
-    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                   "original_max_position_embeddings": 32}}),
+    (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 500000.0,
+            }
+        },
+    ),
+    (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
     ("llama", {"hidden_act": "gelu", "head_dim": 8}),
     ("mistral", {}),
     ("mistral", {"sliding_window": 3, "num_key_value_heads": 1}),
     ("qwen3", {}),
     ("qwen3", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
-    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6,
-                                   "original_max_position_embeddings": 64, "beta_fast": 16.0,
-                                   "beta_slow": 2.0}}),
+    (
+        "qwen3",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 2.0,
+                "rope_theta": 1e6,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+            }
+        },
+    ),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     ("gemma2", {}),
-    ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": 5.0,
-                "num_key_value_heads": 1}),
+    (
+        "gemma2",
+        {"attn_logit_softcapping": None, "final_logit_softcapping": 5.0, "num_key_value_heads": 1},
+    ),
     ("gemma3", {}),
-    ("gemma3", {"rope_parameters": {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    (
+        "gemma3",
+        {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            }
+        },
+    ),
     ("gemma3", {"final_logit_softcapping": 10.0, "tie_word_embeddings": False}),
     ("gpt2", {}),
     ("gpt2", {"activation_function": "relu", "n_inner": 80}),

@@ -53,8 +53,13 @@ def test_every_parameter_has_logical_axes():
         model = llmjax.build(name)
         shapes, names = model.abstract_params(), model.param_axes()
         assert jax.tree.structure(shapes) == jax.tree.structure(
-            names, is_leaf=lambda x: isinstance(x, tuple))
-        for s, n in zip(jax.tree.leaves(shapes), jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)), strict=True):
+            names, is_leaf=lambda x: isinstance(x, tuple)
+        )
+        for s, n in zip(
+            jax.tree.leaves(shapes),
+            jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple)),
+            strict=True,
+        ):
             assert len(n) == len(s.shape) and all(isinstance(a, str) for a in n)
 
 

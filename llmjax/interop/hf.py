@@ -41,7 +41,10 @@ class Tensor:
 
 def _decoder_table(cfg: ModelConfig, arch: str) -> list[Tensor]:
     gemma = arch.startswith("Gemma")
-    t = [Tensor("model.embed_tokens.weight", ("embed",)), Tensor("model.norm.weight", ("final_norm.scale",))]
+    t = [
+        Tensor("model.embed_tokens.weight", ("embed",)),
+        Tensor("model.norm.weight", ("final_norm.scale",)),
+    ]
     if not cfg.tie_embeddings:
         t.append(Tensor("lm_head.weight", ("lm_head",), "linear"))
     for i in range(cfg.n_layers):
@@ -65,23 +68,33 @@ def _decoder_table(cfg: ModelConfig, arch: str) -> list[Tensor]:
         else:
             t.append(Tensor(hf + "post_attention_layernorm.weight", (us + "mlp_norm.scale",)))
         if cfg.qk_norm:
-            t += [Tensor(hf + "self_attn.q_norm.weight", (us + "attn.q_norm.scale",)),
-                  Tensor(hf + "self_attn.k_norm.weight", (us + "attn.k_norm.scale",))]
+            t += [
+                Tensor(hf + "self_attn.q_norm.weight", (us + "attn.q_norm.scale",)),
+                Tensor(hf + "self_attn.k_norm.weight", (us + "attn.k_norm.scale",)),
+            ]
         if cfg.qkv_bias:
-            t += [Tensor(hf + f"self_attn.{n}_proj.bias", (us + f"attn.b{n}",), "flat") for n in "qkv"]
+            t += [
+                Tensor(hf + f"self_attn.{n}_proj.bias", (us + f"attn.b{n}",), "flat") for n in "qkv"
+            ]
         if cfg.out_bias:
             t.append(Tensor(hf + "self_attn.o_proj.bias", (us + "attn.bo",), "flat"))
         if cfg.mlp_bias:
-            t += [Tensor(hf + "mlp.gate_proj.bias", (us + "mlp.gate_bias",), "flat"),
-                  Tensor(hf + "mlp.up_proj.bias", (us + "mlp.up_bias",), "flat"),
-                  Tensor(hf + "mlp.down_proj.bias", (us + "mlp.down_bias",), "flat")]
+            t += [
+                Tensor(hf + "mlp.gate_proj.bias", (us + "mlp.gate_bias",), "flat"),
+                Tensor(hf + "mlp.up_proj.bias", (us + "mlp.up_bias",), "flat"),
+                Tensor(hf + "mlp.down_proj.bias", (us + "mlp.down_bias",), "flat"),
+            ]
     return t
 
 
 def _gpt2_table(cfg: ModelConfig, prefix: str) -> list[Tensor]:
     p = prefix
-    t = [Tensor(p + "wte.weight", ("embed",)), Tensor(p + "wpe.weight", ("pos_embed",)),
-         Tensor(p + "ln_f.weight", ("final_norm.scale",)), Tensor(p + "ln_f.bias", ("final_norm.bias",))]
+    t = [
+        Tensor(p + "wte.weight", ("embed",)),
+        Tensor(p + "wpe.weight", ("pos_embed",)),
+        Tensor(p + "ln_f.weight", ("final_norm.scale",)),
+        Tensor(p + "ln_f.bias", ("final_norm.bias",)),
+    ]
     if not cfg.tie_embeddings:
         t.append(Tensor("lm_head.weight", ("lm_head",), "linear"))
     for i in range(cfg.n_layers):
@@ -112,8 +125,9 @@ def tensor_table(cfg: ModelConfig, arch: str, prefix: str = "transformer.") -> l
 
 def _is_ignorable(name: str, cfg: ModelConfig) -> bool:
     # Causal-mask buffers of old GPT-2 checkpoints, rotary caches, and a tied head saved anyway.
-    return (name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
-            or (cfg.tie_embeddings and name == "lm_head.weight"))
+    return name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")) or (
+        cfg.tie_embeddings and name == "lm_head.weight"
+    )
 
 
 # Shapes ----------------------------------------------------------------------------------------------
@@ -157,15 +171,18 @@ class _Checkpoint:
         index = path / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-            files = {f: safetensors.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+            files = {
+                f: safetensors.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))
+            }
             self.where = {name: files[f] for name, f in weight_map.items()}
         elif (path / "model.safetensors").exists():
             single = safetensors.SafetensorsFile(path / "model.safetensors")
-            self.where = {name: single for name in single.keys()}
+            self.where = {name: single for name in single.names()}
         else:
             raise FileNotFoundError(
                 f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin "
-                "checkpoints are not read; convert them with transformers' save_pretrained)")
+                "checkpoints are not read; convert them with transformers' save_pretrained)"
+            )
 
     def names(self):
         return set(self.where)
@@ -190,8 +207,14 @@ def _flatten(tree, prefix="") -> dict[str, object]:
     return out
 
 
-def from_hf(path, *, param_dtype: str | None = None, dtype: str | None = None, shardings=None,
-            **config_overrides) -> tuple[Model, dict]:
+def from_hf(
+    path,
+    *,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    shardings=None,
+    **config_overrides,
+) -> tuple[Model, dict]:
     """``(model, params)`` from a local Hugging Face directory; nothing is downloaded.
 
     ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to ``param_dtype``.
@@ -199,14 +222,20 @@ def from_hf(path, *, param_dtype: str | None = None, dtype: str | None = None, s
     """
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json; `path` must be a local Hugging Face model "
-                                "directory (llmjax never downloads)")
+        raise FileNotFoundError(
+            f"{path}: no config.json; `path` must be a local Hugging Face model "
+            "directory (llmjax never downloads)"
+        )
     hf = json.loads((path / "config.json").read_text())
     arch = architecture_of(hf)
     ckpt = _Checkpoint(path)
     stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
-    cfg = config_from_hf(hf, param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides)
+    param_dtype = param_dtype or (
+        stored if stored in ("float32", "bfloat16", "float16") else "float32"
+    )
+    cfg = config_from_hf(
+        hf, param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides
+    )
     model = Model(cfg)
     shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
     flat_shardings = _flatten(shardings) if shardings is not None else {}
@@ -217,17 +246,21 @@ def from_hf(path, *, param_dtype: str | None = None, dtype: str | None = None, s
     expected = {e.hf for e in table}
     unexpected = sorted(n for n in ckpt.names() - expected if not _is_ignorable(n, cfg))
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its {arch} config: missing tensors "
-                              f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected tensors "
-                              f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(
+            f"{path} does not match its {arch} config: missing tensors "
+            f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected tensors "
+            f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
     pdt = dtype_of(param_dtype)
     flat = {}
     for entry in table:
         f = ckpt.where[entry.hf]
         want = hf_shape(entry, [shapes[p] for p in entry.paths])
         if f.shape(entry.hf) != want:
-            raise CheckpointError(f"tensor {entry.hf!r} has shape {list(f.shape(entry.hf))}, expected "
-                                  f"{list(want)} from config.json")
+            raise CheckpointError(
+                f"tensor {entry.hf!r} has shape {list(f.shape(entry.hf))}, expected "
+                f"{list(want)} from config.json"
+            )
         arrays = to_llmjax(entry, f.get(entry.hf), [shapes[p] for p in entry.paths])
         for p, a in zip(entry.paths, arrays, strict=True):
             flat[p] = jax.device_put(a.astype(pdt), flat_shardings.get(p))
@@ -235,8 +268,9 @@ def from_hf(path, *, param_dtype: str | None = None, dtype: str | None = None, s
 
 
 # Writing -------------------------------------------------------------------------------------------
-def to_hf(model: Model, params, path, *, architecture: str | None = None,
-          max_shard_bytes: int = 5 * 2**30) -> Path:
+def to_hf(
+    model: Model, params, path, *, architecture: str | None = None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
     """Write ``config.json`` and safetensors (sharded above ``max_shard_bytes``) to ``path``."""
     cfg = model.config
     hf = config_to_hf(cfg, architecture)
@@ -248,10 +282,14 @@ def to_hf(model: Model, params, path, *, architecture: str | None = None,
     pdt = np.dtype(dtype_of(cfg.param_dtype))
 
     def producer(entry):
-        return lambda: to_hf_tensor(entry, [np.asarray(jax.device_get(flat[p])) for p in entry.paths])
+        return lambda: to_hf_tensor(
+            entry, [np.asarray(jax.device_get(flat[p])) for p in entry.paths]
+        )
 
-    entries = [(e.hf, hf_shape(e, [tuple(flat[p].shape) for p in e.paths]), pdt, producer(e))
-               for e in table]
+    entries = [
+        (e.hf, hf_shape(e, [tuple(flat[p].shape) for p in e.paths]), pdt, producer(e))
+        for e in table
+    ]
     shards, current, size = [], [], 0
     for e in entries:
         nbytes = int(np.prod(e[1])) * pdt.itemsize

@@ -12,15 +12,30 @@ import dataclasses
 from llmjax.config import ModelConfig, RopeConfig
 
 ARCHITECTURES = (
-    "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
-    "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 MODEL_TYPES = {
-    "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
 _HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 _LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 
@@ -53,8 +68,9 @@ def _rope_from(params: dict | None, theta: float | None) -> RopeConfig:
     theta = params.get("rope_theta", theta if theta is not None else 10_000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3", "yarn"):
-        raise UnsupportedConfig(f"unsupported RoPE scaling {kind!r}; llmjax implements default, "
-                                "linear, llama3 and yarn")
+        raise UnsupportedConfig(
+            f"unsupported RoPE scaling {kind!r}; llmjax implements default, linear, llama3 and yarn"
+        )
     kw = {"theta": float(theta), "kind": kind, "fraction": params.get("partial_rotary_factor", 1.0)}
     if kind != "default":
         kw["factor"] = float(params["factor"])
@@ -65,11 +81,15 @@ def _rope_from(params: dict | None, theta: float | None) -> RopeConfig:
         kw["high_freq_factor"] = float(params["high_freq_factor"])
     if kind == "yarn":
         if params.get("mscale") or params.get("mscale_all_dim"):
-            raise UnsupportedConfig("YaRN with mscale/mscale_all_dim (DeepSeek style) is not supported")
-        kw.update(beta_fast=float(params.get("beta_fast") or 32.0),
-                  beta_slow=float(params.get("beta_slow") or 1.0),
-                  attention_factor=params.get("attention_factor"),
-                  truncate=bool(params.get("truncate", True)))
+            raise UnsupportedConfig(
+                "YaRN with mscale/mscale_all_dim (DeepSeek style) is not supported"
+            )
+        kw.update(
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
     return RopeConfig(**kw)
 
 
@@ -114,14 +134,25 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     arch = architecture_of(hf)
     if arch == "GPT2LMHeadModel":
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-            raise UnsupportedConfig("GPT-2 with scale_attn_by_inverse_layer_idx or without "
-                                    "scale_attn_weights is not supported")
+            raise UnsupportedConfig(
+                "GPT-2 with scale_attn_by_inverse_layer_idx or without "
+                "scale_attn_weights is not supported"
+            )
         d = hf["n_embd"]
         cfg = dict(
-            vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-            mlp_dim=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"], norm="layernorm",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="learned", qkv_bias=True,
-            out_bias=True, mlp_bias=True, gated_mlp=False,
+            vocab_size=hf["vocab_size"],
+            d_model=d,
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            mlp_dim=hf.get("n_inner") or 4 * d,
+            max_seq_len=hf["n_positions"],
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            position="learned",
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            gated_mlp=False,
             activation=_activation(hf.get("activation_function", "gelu_new")),
             tie_embeddings=hf.get("tie_word_embeddings", True),
         )
@@ -133,21 +164,34 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     pattern = _layer_pattern(hf, arch, n_layers)
     gemma = arch.startswith("Gemma")
     cfg = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-        mlp_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope=rope, layer_pattern=pattern,
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=head_dim,
+        mlp_dim=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope=rope,
+        layer_pattern=pattern,
         sliding_window=hf.get("sliding_window") if "local" in pattern else None,
         activation=_activation(hf.get("hidden_activation") or hf.get("hidden_act") or "silu"),
-        qkv_bias=bool(hf.get("attention_bias", False)), out_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", gemma),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        out_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_embeddings=hf.get("tie_word_embeddings", gemma),
         qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
     )
     if gemma:
-        cfg.update(norm_unit_offset=True, post_norms=True, embed_scale=True,
-                   query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
-                   attn_logit_softcap=hf.get("attn_logit_softcapping"),
-                   final_logit_softcap=hf.get("final_logit_softcapping"))
+        cfg.update(
+            norm_unit_offset=True,
+            post_norms=True,
+            embed_scale=True,
+            query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+        )
         if arch == "Gemma3ForCausalLM":
             cfg["local_rope"] = local_rope or RopeConfig(theta=10_000.0)
     return ModelConfig(name=hf.get("_name_or_path") or MODEL_TYPES[arch], **{**cfg, **overrides})
@@ -189,23 +233,39 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
     """A Hugging Face config dict for ``cfg``; raises if ``arch`` cannot express it exactly."""
     arch = arch or default_architecture(cfg)
     if arch not in ARCHITECTURES:
-        raise UnsupportedConfig(f"unsupported architecture {arch!r}; choose from {list(ARCHITECTURES)}")
+        raise UnsupportedConfig(
+            f"unsupported architecture {arch!r}; choose from {list(ARCHITECTURES)}"
+        )
     torch_dtype = cfg.param_dtype
     if arch == "GPT2LMHeadModel":
-        hf = dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-                  n_head=cfg.n_heads, n_inner=cfg.resolved_mlp_dim, n_positions=cfg.max_seq_len,
-                  n_ctx=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
-                  activation_function="gelu_new" if cfg.activation == "gelu_tanh" else cfg.activation,
-                  tie_word_embeddings=cfg.tie_embeddings)
+        hf = dict(
+            vocab_size=cfg.vocab_size,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.resolved_mlp_dim,
+            n_positions=cfg.max_seq_len,
+            n_ctx=cfg.max_seq_len,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function="gelu_new" if cfg.activation == "gelu_tanh" else cfg.activation,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
     else:
         kinds = cfg.layer_kinds
         hf = dict(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.resolved_kv_heads,
-            head_dim=cfg.resolved_head_dim, intermediate_size=cfg.resolved_mlp_dim,
-            max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope.theta, rope_scaling=_rope_to(cfg.rope),
-            hidden_act=_HF_ACTIVATIONS[cfg.activation], attention_bias=cfg.qkv_bias,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.resolved_kv_heads,
+            head_dim=cfg.resolved_head_dim,
+            intermediate_size=cfg.resolved_mlp_dim,
+            max_position_embeddings=cfg.max_seq_len,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope.theta,
+            rope_scaling=_rope_to(cfg.rope),
+            hidden_act=_HF_ACTIVATIONS[cfg.activation],
+            attention_bias=cfg.qkv_bias,
             tie_word_embeddings=cfg.tie_embeddings,
         )
         if arch == "LlamaForCausalLM":
@@ -215,53 +275,59 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
         elif arch == "MistralForCausalLM":
             hf["sliding_window"] = None
         if arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
-            hf["layer_types"] = ["sliding_attention" if k == "local" else "full_attention"
-                                 for k in kinds]
+            hf["layer_types"] = [
+                "sliding_attention" if k == "local" else "full_attention" for k in kinds
+            ]
             if arch == "Qwen3ForCausalLM":
                 hf["use_sliding_window"] = "local" in kinds
                 hf["max_window_layers"] = kinds.index("local") if "local" in kinds else cfg.n_layers
         if arch.startswith("Gemma"):
-            hf.update(hidden_activation=hf.pop("hidden_act"),
-                      query_pre_attn_scalar=_integral(cfg.resolved_query_scale**-2),
-                      attn_logit_softcapping=cfg.attn_logit_softcap,
-                      final_logit_softcapping=cfg.final_logit_softcap)
+            hf.update(
+                hidden_activation=hf.pop("hidden_act"),
+                query_pre_attn_scalar=_integral(cfg.resolved_query_scale**-2),
+                attn_logit_softcapping=cfg.attn_logit_softcap,
+                final_logit_softcapping=cfg.final_logit_softcap,
+            )
         if arch == "Gemma3ForCausalLM":
             local = cfg.local_rope or cfg.rope
             if local.kind != "default":
                 raise UnsupportedConfig("Gemma3ForCausalLM has no RoPE scaling on local layers")
             hf["rope_local_base_freq"] = local.theta
-    hf.update(architectures=[arch], model_type=MODEL_TYPES[arch], torch_dtype=torch_dtype,
-              dtype=torch_dtype)
+    hf.update(
+        architectures=[arch],
+        model_type=MODEL_TYPES[arch],
+        torch_dtype=torch_dtype,
+        dtype=torch_dtype,
+    )
     _check_round_trip(cfg, hf, arch)
     return hf
 
 
-_IGNORED = ("name", "param_dtype", "dtype", "attention_impl", "remat", "init_std")
+# Fields that describe how a model runs, not what it computes.
+_RUNTIME_FIELDS = ("name", "param_dtype", "dtype", "attention_impl", "remat", "init_std")
+
+
+def _effective(cfg: ModelConfig) -> dict:
+    """What a config computes, with defaults resolved (None head_dim and its explicit value agree)."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for f in _RUNTIME_FIELDS:
+        out.pop(f)
+    out.update(
+        n_kv_heads=cfg.resolved_kv_heads,
+        head_dim=cfg.resolved_head_dim,
+        mlp_dim=cfg.resolved_mlp_dim,
+        query_scale=round(cfg.resolved_query_scale, 12),
+        layer_pattern=cfg.layer_kinds,
+        local_rope=tuple(cfg.layer_rope(i) for i in range(cfg.n_layers)),
+        rope=None,  # covered per layer by local_rope
+    )
+    if "local" not in cfg.layer_kinds:
+        out["sliding_window"] = None
+    return out
 
 
 def _check_round_trip(cfg: ModelConfig, hf: dict, arch: str):
-    back = config_from_hf(hf)
-    diffs = []
-    for f in dataclasses.fields(cfg):
-        if f.name in _IGNORED:
-            continue
-        a, b = getattr(cfg, f.name), getattr(back, f.name)
-        if f.name == "layer_pattern":
-            a, b = cfg.layer_kinds, back.layer_kinds
-        if f.name in ("query_scale",):
-            a, b = cfg.resolved_query_scale, back.resolved_query_scale
-            same = abs(a - b) <= 1e-12 * abs(a)
-        elif f.name in ("n_kv_heads", "head_dim", "mlp_dim"):
-            same = getattr(cfg, "resolved_" + f.name.replace("n_", "")) == getattr(
-                back, "resolved_" + f.name.replace("n_", ""))
-        elif f.name == "local_rope":
-            same = cfg.layer_rope(0) == back.layer_rope(0) and all(
-                cfg.layer_rope(i) == back.layer_rope(i) for i in range(cfg.n_layers))
-        elif f.name == "sliding_window" and "local" not in cfg.layer_kinds:
-            same = True
-        else:
-            same = a == b
-        if not same:
-            diffs.append(f"{f.name}: {a!r} (exported as {b!r})")
+    ours, back = _effective(cfg), _effective(config_from_hf(hf))
+    diffs = [f"{k}: {ours[k]!r} (exported as {back[k]!r})" for k in ours if ours[k] != back[k]]
     if diffs:
         raise UnsupportedConfig(f"this config cannot be expressed as {arch}: " + "; ".join(diffs))

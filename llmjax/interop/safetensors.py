@@ -16,10 +16,17 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
@@ -38,7 +45,7 @@ class SafetensorsFile:
         self._offset = 8 + n
         self._data = None
 
-    def keys(self):
+    def names(self):
         return self.entries.keys()
 
     def shape(self, name) -> tuple[int, ...]:
@@ -64,8 +71,11 @@ def write(path, tensors, metadata=None):
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": NAMES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -78,6 +88,8 @@ def write(path, tensors, metadata=None):
         for name, shape, dtype, produce in tensors:
             arr = np.ascontiguousarray(produce(), dtype=dtype)
             if arr.shape != tuple(shape):
-                raise ValueError(f"tensor {name!r}: produced shape {arr.shape}, header says {shape}")
+                raise ValueError(
+                    f"tensor {name!r}: produced shape {arr.shape}, header says {shape}"
+                )
             f.write(arr.tobytes())
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name

@@ -51,8 +51,21 @@ def xla_attention(q_BTHC, k_BSKC, v_BSKC, mask_BTS, *, scale, softcap):
     return out.reshape(B, T, H, C)
 
 
-def attend(q, k, v, *, q_slot, q_seg, kv_seg, window, softcap, scale, impl, decode_lengths=None,
-           packed=False):
+def attend(
+    q,
+    k,
+    v,
+    *,
+    q_slot,
+    q_seg,
+    kv_seg,
+    window,
+    softcap,
+    scale,
+    impl,
+    decode_lengths=None,
+    packed=False,
+):
     """Dispatch to the configured implementation, falling back to XLA with a stated reason.
 
     ``decode_lengths`` is set when keys come from a KV cache (valid slots per sequence after this
@@ -63,30 +76,48 @@ def attend(q, k, v, *, q_slot, q_seg, kv_seg, window, softcap, scale, impl, deco
 
         if decode_lengths is None:
             return kernels.flash_attention(
-                q, k, v, causal=True, sliding_window=window,
+                q,
+                k,
+                v,
+                causal=True,
+                sliding_window=window,
                 segment_ids=(q_seg, kv_seg) if packed else None,
-                logit_soft_cap=softcap, scale=scale,
+                logit_soft_cap=softcap,
+                scale=scale,
             )
         if not packed:
             return kernels.decode_attention(
                 q, k, v, decode_lengths, sliding_window=window, logit_soft_cap=softcap, scale=scale
             )
-        _warn_once("attention_impl='pallas': a KV cache holding padding or segments uses XLA "
-                   "attention (the decode kernel masks by length only)")
+        _warn_once(
+            "attention_impl='pallas': a KV cache holding padding or segments uses XLA "
+            "attention (the decode kernel masks by length only)"
+        )
     elif impl == "cudnn":
         if jax.default_backend() != "gpu":
-            _warn_once(f"attention_impl='cudnn' needs a GPU (backend is {jax.default_backend()}); "
-                       "using XLA attention")
+            _warn_once(
+                f"attention_impl='cudnn' needs a GPU (backend is {jax.default_backend()}); "
+                "using XLA attention"
+            )
         elif softcap is not None:
-            _warn_once("attention_impl='cudnn': cuDNN has no logit soft-capping; using XLA attention")
+            _warn_once(
+                "attention_impl='cudnn': cuDNN has no logit soft-capping; using XLA attention"
+            )
         elif decode_lengths is None and not packed:
             return jax.nn.dot_product_attention(
-                q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+                q,
+                k,
+                v,
+                scale=scale,
+                is_causal=True,
+                implementation="cudnn",
                 local_window_size=None if window is None else (window - 1, 0),
             )
         else:
             mask = attention_mask(q_slot, q_seg, kv_seg, window)[:, None]
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                                implementation="cudnn")
-    return xla_attention(q, k, v, attention_mask(q_slot, q_seg, kv_seg, window), scale=scale,
-                         softcap=softcap)
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, implementation="cudnn"
+            )
+    return xla_attention(
+        q, k, v, attention_mask(q_slot, q_seg, kv_seg, window), scale=scale, softcap=softcap
+    )

@@ -29,8 +29,9 @@ class Attention(nnx.Module):
         self.wq = dense(cfg, rngs, (D, H, C), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))
         self.wk = dense(cfg, rngs, (D, K, C), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
         self.wv = dense(cfg, rngs, (D, K, C), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
-        self.wo = dense(cfg, rngs, (H, C, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
-                        depth_scaled=True)
+        self.wo = dense(
+            cfg, rngs, (H, C, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), depth_scaled=True
+        )
         self.qkv_bias, self.out_bias = cfg.qkv_bias, cfg.out_bias
         if cfg.qkv_bias:
             self.bq = zeros(cfg, (H, C), (axes.HEADS, axes.HEAD_DIM))
@@ -53,7 +54,11 @@ class Attention(nnx.Module):
         k = jnp.einsum("BTD,DKC->BTKC", x_BTD, self.wk[...].astype(dt))
         v = jnp.einsum("BTD,DKC->BTKC", x_BTD, self.wv[...].astype(dt))
         if self.qkv_bias:
-            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+            q, k, v = (
+                q + self.bq[...].astype(dt),
+                k + self.bk[...].astype(dt),
+                v + self.bv[...].astype(dt),
+            )
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope_cs is not None:
@@ -66,9 +71,20 @@ class Attention(nnx.Module):
             cache = (k, v)
             k, v = k.astype(dt), v.astype(dt)
             decode_lengths = ctx.start_B + x_BTD.shape[1]
-        out = attend(q, k, v, q_slot=ctx.q_slot_BT, q_seg=ctx.q_seg_BT, kv_seg=ctx.kv_seg_BS,
-                     window=self.window, softcap=self.softcap, scale=self.scale, impl=self.impl,
-                     decode_lengths=decode_lengths, packed=ctx.packed)
+        out = attend(
+            q,
+            k,
+            v,
+            q_slot=ctx.q_slot_BT,
+            q_seg=ctx.q_seg_BT,
+            kv_seg=ctx.kv_seg_BS,
+            window=self.window,
+            softcap=self.softcap,
+            scale=self.scale,
+            impl=self.impl,
+            decode_lengths=decode_lengths,
+            packed=ctx.packed,
+        )
         out_BTD = jnp.einsum("BTHC,HCD->BTD", out.astype(dt), self.wo[...].astype(dt))
         if self.out_bias:
             out_BTD = out_BTD + self.bo[...].astype(dt)

@@ -73,8 +73,16 @@ class Model:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params()))
 
     # Forward ---------------------------------------------------------------------------------------
-    def apply(self, params, tokens, *, positions=None, segment_ids=None, attention_mask=None,
-              cache: KVCache | None = None):
+    def apply(
+        self,
+        params,
+        tokens,
+        *,
+        positions=None,
+        segment_ids=None,
+        attention_mask=None,
+        cache: KVCache | None = None,
+    ):
         """Logits ``[B, T, V]`` (float32) for int tokens ``[B, T]``; with ``cache`` also the new cache.
 
         ``positions`` (RoPE or learned positions) default to each token's slot. ``segment_ids`` keep
@@ -84,14 +92,22 @@ class Model:
         cfg = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be an int array [batch, length], got {tokens.dtype}"
-                             f"{list(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be an int array [batch, length], got {tokens.dtype}"
+                f"{list(tokens.shape)}"
+            )
         B, T = tokens.shape
         ids = _host(tokens)
         if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size of "
-                             f"{cfg.name!r}); got min {ids.min()}, max {ids.max()}")
-        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+            raise ValueError(
+                f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size of "
+                f"{cfg.name!r}); got min {ids.min()}, max {ids.max()}"
+            )
+        seg = (
+            jnp.ones((B, T), jnp.int32)
+            if segment_ids is None
+            else jnp.asarray(segment_ids, jnp.int32)
+        )
         if attention_mask is not None:
             seg = jnp.where(jnp.asarray(attention_mask).astype(bool), seg, 0)
         packed = segment_ids is not None or attention_mask is not None
@@ -103,18 +119,23 @@ class Model:
             start = cache.length_B
             used = _host(start)
             if used is not None and used.max() + T > cache.max_len:
-                raise ValueError(f"KV cache overflow: {used.max()} slots used + {T} new tokens > "
-                                 f"max_len {cache.max_len}; build a longer cache")
+                raise ValueError(
+                    f"KV cache overflow: {used.max()} slots used + {T} new tokens > "
+                    f"max_len {cache.max_len}; build a longer cache"
+                )
             q_slot = start[:, None] + arange
             kv_seg = jax.vmap(lambda c, s, o: jax.lax.dynamic_update_slice(c, s, (o,)))(
-                cache.seg_BS, seg, start)
+                cache.seg_BS, seg, start
+            )
             packed = packed or cache.packed
             ctx = MaskContext(q_slot, seg, kv_seg, start, packed)
         positions = q_slot if positions is None else jnp.asarray(positions, jnp.int32)
         pos = _host(positions) if cfg.position == "learned" else None
         if pos is not None and pos.size and pos.max() >= cfg.max_seq_len:
-            raise ValueError(f"position {pos.max()} is beyond max_seq_len={cfg.max_seq_len} of "
-                             f"{cfg.name!r} (learned position table)")
+            raise ValueError(
+                f"position {pos.max()} is beyond max_seq_len={cfg.max_seq_len} of "
+                f"{cfg.name!r} (learned position table)"
+            )
 
         state = jax.tree.map(lambda x: x, self._abstract_state)
         nnx.replace_by_pure_dict(state, params)
@@ -123,8 +144,11 @@ class Model:
         if cache is None:
             return logits
         new_cache = KVCache(
-            k=tuple(kv[0] for kv in layers), v=tuple(kv[1] for kv in layers),
-            seg_BS=ctx.kv_seg_BS, length_B=cache.length_B + T, packed=packed,
+            k=tuple(kv[0] for kv in layers),
+            v=tuple(kv[1] for kv in layers),
+            seg_BS=ctx.kv_seg_BS,
+            length_B=cache.length_B + T,
+            packed=packed,
         )
         return logits, new_cache
 
@@ -134,6 +158,9 @@ class Model:
         shape = (batch_size, max_len, cfg.resolved_kv_heads, cfg.resolved_head_dim)
         dtype = dtype or dtype_of(cfg.dtype)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-                       seg_BS=jnp.zeros((batch_size, max_len), jnp.int32),
-                       length_B=jnp.zeros((batch_size,), jnp.int32))
+        return KVCache(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            seg_BS=jnp.zeros((batch_size, max_len), jnp.int32),
+            length_B=jnp.zeros((batch_size,), jnp.int32),
+        )
