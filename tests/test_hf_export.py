@@ -150,3 +150,19 @@ def test_bf16_checkpoint_loads_as_bf16(tmp_path):
     tokens = random_tokens(1, 10)
     ref = hf_logits(hf.float(), tokens)  # the bf16 weights, upcast: an exact fp32 reference
     assert np.abs(np.asarray(model32.apply(params32, tokens)) - ref).max() <= 1e-4
+
+
+def test_loading_streams_one_tensor_at_a_time(tmp_path):
+    """Host memory during from_hf stays near one tensor, not the checkpoint's size."""
+    import tracemalloc
+
+    model = llmjax.build("llama3-tiny", d_model=256, n_layers=8, mlp_dim=1024, vocab_size=2048)
+    llmjax.to_hf(model, model.init(jax.random.key(0)), tmp_path)
+    total = (tmp_path / "model.safetensors").stat().st_size
+    largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(model.abstract_params()))
+    tracemalloc.start()
+    llmjax.from_hf(tmp_path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total > 10 * largest  # the check below means something
+    assert peak < 4 * largest, f"peak {peak} bytes for a {total}-byte checkpoint"

@@ -99,6 +99,11 @@ def attend(
                 f"attention_impl='cudnn' needs a GPU (backend is {jax.default_backend()}); "
                 "using XLA attention"
             )
+        elif q.dtype not in (jnp.bfloat16, jnp.float16):
+            _warn_once(
+                f"attention_impl='cudnn' needs bf16 or fp16 (compute dtype is {q.dtype}); "
+                "using XLA attention"
+            )
         elif softcap is not None:
             _warn_once(
                 "attention_impl='cudnn': cuDNN has no logit soft-capping; using XLA attention"
