@@ -275,7 +275,15 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Short names people use for the same published models.
+ALIASES = {"llama3-8b": "llama3.1-8b", "llama3-1b": "llama3.2-1b", "gpt2": "gpt2-124m"}
+
+
 def get(name: str) -> ModelConfig:
+    name = ALIASES.get(name, name)
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+        raise KeyError(
+            f"unknown preset {name!r}; available presets: {sorted(PRESETS)} "
+            f"(aliases: {sorted(ALIASES)})"
+        )
     return PRESETS[name]

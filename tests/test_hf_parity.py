@@ -45,8 +45,10 @@ VARIANTS = [
     ("llama", {"hidden_act": "gelu", "head_dim": 8}),
     ("mistral", {}),
     ("mistral", {"sliding_window": 3, "num_key_value_heads": 1}),
+    ("mistral", {"head_dim": 32}),  # head_dim != hidden_size / heads
     ("qwen3", {}),
     ("qwen3", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("qwen3", {"attention_bias": True}),
     (
         "qwen3",
         {
@@ -62,6 +64,7 @@ VARIANTS = [
     ),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     ("gemma2", {}),
+    ("gemma2", {"attention_bias": True, "hidden_activation": "gelu"}),
     (
         "gemma2",
         {"attn_logit_softcapping": None, "final_logit_softcapping": 5.0, "num_key_value_heads": 1},
