@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--mesh", default="data=1")
     ap.add_argument("--rules", default="dp")
+    ap.add_argument("--remat", default="none", choices=["none", "dots", "full"])
     args = ap.parse_args()
     import jax
 
@@ -106,7 +107,7 @@ def main():
     mesh = sharding.MeshConfig.parse(args.mesh).build()
     out = []
     for name, overrides, batch, seq in CASES:
-        cfg = llmjax.build(name, **overrides).config
+        cfg = llmjax.build(name, **overrides, remat=args.remat).config
         est = plan(cfg, args.mesh, batch_size=batch, seq_len=seq, rules=args.rules).total
         out.append(
             {
