@@ -74,21 +74,19 @@ def attend(
     if impl == "pallas":
         import kernels
 
+        # With no accelerator the kernels run in Pallas interpret mode: slow, but the same code.
+        interpret = jax.default_backend() == "cpu"
         if decode_lengths is None:
+            segments = (q_seg, kv_seg) if packed else None
             return kernels.flash_attention(
-                q,
-                k,
-                v,
-                causal=True,
-                sliding_window=window,
-                segment_ids=(q_seg, kv_seg) if packed else None,
-                logit_soft_cap=softcap,
-                scale=scale,
-            )
+                q, k, v, causal=True, sliding_window=window, segment_ids=segments,
+                logit_soft_cap=softcap, scale=scale, interpret=interpret,
+            )  # fmt: skip
         if not packed:
             return kernels.decode_attention(
-                q, k, v, decode_lengths, sliding_window=window, logit_soft_cap=softcap, scale=scale
-            )
+                q, k, v, decode_lengths, sliding_window=window, logit_soft_cap=softcap,
+                scale=scale, interpret=interpret,
+            )  # fmt: skip
         _warn_once(
             "attention_impl='pallas': a KV cache holding padding or segments uses XLA "
             "attention (the decode kernel masks by length only)"
