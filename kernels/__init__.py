@@ -1,0 +1,13 @@
+"""Pallas attention kernels (GPU and TPU) with XLA references; see docs/kernels.md."""
+
+from kernels.decode import decode_attention
+from kernels.flash import BlockSizes, flash_attention
+from kernels.reference import attention_reference, decode_reference
+
+__all__ = [
+    "BlockSizes",
+    "attention_reference",
+    "decode_attention",
+    "decode_reference",
+    "flash_attention",
+]

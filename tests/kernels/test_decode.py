@@ -1,0 +1,79 @@
+"""Decode attention: kernels (interpret mode) vs the reference, and the reference vs flash."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+import kernels
+from tests.kernels import util
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def _check(impl, dtype, b, t, s, h, kv, c, lengths, **opts):
+    q, k, v, _ = util.inputs(len(lengths) * 7 + t, b, t, s, h, kv, c, dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out = kernels.decode_attention(
+        q,
+        k,
+        v,
+        lengths,
+        implementation=impl,
+        interpret=True,
+        block_k=32 if impl == "pallas_triton" else None,
+        **opts,
+    )
+    ref = kernels.decode_reference(*(x.astype(F32) for x in (q, k, v)), lengths, **opts)
+    assert out.shape == q.shape and out.dtype == dtype
+    util.assert_close(out, ref, dtype, f"decode {impl}")
+
+
+@pytest.mark.parametrize(
+    ("t", "group", "opts", "dtype"),
+    [
+        (1, (8, 2), {}, F32),
+        (3, (4, 4), dict(sliding_window=20), F32),
+        pytest.param(2, (8, 1), dict(logit_soft_cap=4.0), F32, marks=pytest.mark.slow),
+        (1, (4, 1), dict(sliding_window=1), BF16),
+        pytest.param(4, (8, 8), dict(scale=0.2), BF16, marks=pytest.mark.slow),
+    ],
+)
+def test_triton_decode(t, group, opts, dtype):
+    h, kv = group
+    # One sequence shorter than T (some queries see nothing), one full, others ragged.
+    _check("pallas_triton", dtype, 3, t, 80, h, kv, 64, [max(1, t - 1), 80, 37], **opts)
+
+
+@pytest.mark.parametrize(
+    ("t", "opts"), [(1, {}), (3, dict(sliding_window=150, logit_soft_cap=5.0))]
+)
+def test_tpu_decode(t, opts):
+    _check("pallas_mosaic_tpu", F32, 3, t, 300, 8, 2, 128, [t, 129, 300], **opts)
+
+
+def test_decode_reference_matches_flash_on_full_cache():
+    """With every cache slot filled, decode is flash attention's bottom-right aligned causal."""
+    b, t, s, h, kv, c = 2, 3, 40, 4, 2, 64
+    q, k, v, _ = util.inputs(11, b, t, s, h, kv, c, F32)
+    full = jnp.full((b,), s, jnp.int32)
+    for window in (None, 6):
+        dec = kernels.decode_reference(q, k, v, full, sliding_window=window)
+        fl = kernels.attention_reference(q, k, v, causal=True, sliding_window=window)
+        util.assert_close(dec, fl, F32, "decode vs flash reference")
+
+
+def test_decode_ignores_slots_past_length():
+    """Garbage beyond ``lengths`` must not leak into the result."""
+    b, t, s, h, kv, c = 2, 1, 64, 4, 1, 64
+    q, k, v, _ = util.inputs(12, b, t, s, h, kv, c, F32)
+    lengths = jnp.asarray([10, 33], jnp.int32)
+    out = kernels.decode_attention(
+        q, k, v, lengths, implementation="pallas_triton", interpret=True, block_k=16
+    )
+    k2 = k.at[:, 40:].set(1e4)
+    v2 = v.at[:, 40:].set(jnp.nan)
+    out2 = kernels.decode_attention(
+        q, k2, v2, lengths, implementation="pallas_triton", interpret=True, block_k=16
+    )
+    util.assert_close(out2, out, F32, "garbage past length")

@@ -1,0 +1,48 @@
+"""The Triton kernels compiled for a real GPU, against the reference (``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import kernels
+from tests.kernels import util
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    # b, t, s, h, kv, c, opts
+    (2, 1024, 1024, 8, 2, 128, dict(causal=True)),
+    (1, 1000, 1000, 4, 4, 128, dict(causal=False)),
+    (2, 768, 1024, 8, 1, 64, dict(causal=True, sliding_window=200)),
+    (1, 512, 512, 4, 1, 256, dict(causal=True, logit_soft_cap=20.0)),
+    (2, 1024, 1024, 8, 2, 128, "packed"),
+]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_flash_gpu(case, dtype):
+    b, t, s, h, kv, c, opts = case
+    if opts == "packed":
+        opts = dict(causal=True, segment_ids=util.packed_segments(0, b, t, 5))
+    q, k, v, do = util.inputs(1, b, t, s, h, kv, c, dtype)
+    util.check_flash(q, k, v, do, opts, implementation="pallas_triton", interpret=False)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_gpu(dtype, window):
+    b, t, s, h, kv, c = 4, 2, 2048, 32, 8, 128
+    q, k, v, _ = util.inputs(2, b, t, s, h, kv, c, dtype)
+    lengths = jnp.array([2, 700, 2048, 1500], jnp.int32)
+    out = kernels.decode_attention(
+        q, k, v, lengths, sliding_window=window, implementation="pallas_triton"
+    )
+    ref = kernels.decode_reference(
+        *(x.astype(jnp.float32) for x in (q, k, v)), lengths, sliding_window=window
+    )
+    util.assert_close(out, ref, dtype, "decode")
