@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 
-
 def _bad_input_types():
     from llmjax.checkpoint import CheckpointError
     from llmjax.config import ConfigError
@@ -30,11 +29,16 @@ def build_pretrain_config(args):
     if args.preset:
         cfg = pretrain.with_preset(cfg, args.preset)
     sets = list(args.set or [])
-    flags = {"data.paths": ",".join(args.data) if args.data else None,
-             "loop.steps": args.steps, "data.batch_size": args.batch_size,
-             "data.seq_len": args.seq_len, "loop.save_every": args.save_every,
-             "loop.log_every": args.log_every, "loop.mesh": args.mesh,
-             "data.tokenizer": args.tokenizer}
+    flags = {
+        "data.paths": ",".join(args.data) if args.data else None,
+        "loop.steps": args.steps,
+        "data.batch_size": args.batch_size,
+        "data.seq_len": args.seq_len,
+        "loop.save_every": args.save_every,
+        "loop.log_every": args.log_every,
+        "loop.mesh": args.mesh,
+        "data.tokenizer": args.tokenizer,
+    }
     sets = [f"{k}={v}" for k, v in flags.items() if v is not None] + sets
     for assignment in sets:
         cfg = override(cfg, assignment)
@@ -49,73 +53,62 @@ def cmd_pretrain(args) -> int:
     result = pretrain.run(cfg, out)
     if result.stopped != "done":
         print(f"stopped at step {result.step}; run the same command to resume", file=sys.stderr)
-        return 143
+        return 128 + (result.signum or 15)  # the shell's convention for "killed by signal"
     return 0
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-
-
-def load_run(ckpt: str):
-    """``(model, params, meta, tokenizer, step_dir)`` from a run or step directory."""
-    import jax
-
-    import llmjax
-    from llmjax.checkpoint import resolve_checkpoint, restore
-    from llmjax.data import DataError, Tokenizer
-    from llmjax.train.config import OptimizerConfig, model_config_from_dict
-    from llmjax.train.optim import make_optimizer
-    from llmjax.train.step import init_state
-
-    step_dir = resolve_checkpoint(ckpt)
-    from llmjax.checkpoint import read_meta
-
-    meta = read_meta(step_dir)
-    cfg = meta["config"]
-    model = llmjax.build(model_config_from_dict(cfg["model"]))
-    tx = make_optimizer(OptimizerConfig(**cfg["optim"]), cfg["loop"]["steps"])
-    abstract = jax.eval_shape(lambda: init_state(model, tx, 0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract)
-    state, _ = restore(step_dir, abstract)
-    # The tokenizer: the configured file, else the one trained into the run directory.
-    run_dir = step_dir.parent.parent
-    candidates = [Path(cfg["data"]["tokenizer"])] if cfg["data"]["tokenizer"] else []
-    candidates += sorted((run_dir / "tokenizer").glob("*.model"))
-    for path in candidates:
-        if path.is_file():
-            tok = Tokenizer.load(path)
-            if tok.sha256 == meta["tokenizer_sha256"]:
-                return model, state["params"], meta, tok, step_dir
-    raise DataError(f"the tokenizer of {step_dir} (sha256 {meta['tokenizer_sha256'][:12]}) is "
-                    f"not in {run_dir / 'tokenizer'} nor at its configured path")
+# --- using a trained run ----------------------------------------------------------------------------------
 
 
 def cmd_eval(args) -> int:
     import jax
 
+    from llmjax.checkpoint.load import load_run
     from llmjax.data import PackedRows, read_documents, resolve_paths, tokenize_documents
     from llmjax.train import evaluate, make_eval_step, next_token_loss
 
-    model, params, meta, tok, step_dir = load_run(args.ckpt)
+    run = load_run(args.ckpt)
+    model, params, meta, tok, step_dir = (
+        run.model,
+        run.params,
+        run.meta,
+        run.tokenizer,
+        run.step_dir,
+    )
     seq_len = args.seq_len or meta["config"]["data"]["seq_len"]
     docs = read_documents(resolve_paths(args.data), meta["config"]["data"]["text_field"])
     rows = PackedRows(tokenize_documents(docs, tok), seq_len)
-    loss = evaluate(jax.jit(make_eval_step(next_token_loss(model))), params, rows,
-                    args.batch_size, args.max_batches)
-    print(f"{step_dir}: loss {loss:.4f} perplexity {math.exp(min(loss, 700)):.3f} "
-          f"over {min(len(rows), args.batch_size * args.max_batches)} sequences of {seq_len}")
+    loss = evaluate(
+        jax.jit(make_eval_step(next_token_loss(model))),
+        params,
+        rows,
+        args.batch_size,
+        args.max_batches,
+    )
+    print(
+        f"{step_dir}: loss {loss:.4f} perplexity {math.exp(min(loss, 700)):.3f} "
+        f"over {min(len(rows), args.batch_size * args.max_batches)} sequences of {seq_len}"
+    )
     return 0
 
 
 def cmd_generate(args) -> int:
+    from llmjax.checkpoint.load import load_run
     from llmjax.train.sampling import generate
 
-    model, params, _, tok, _ = load_run(args.ckpt)
+    run = load_run(args.ckpt)
+    model, params, tok = run.model, run.params, run.tokenizer
     prompt = [tok.bos_id] + tok.encode(args.prompt)
-    ids = generate(model, params, prompt, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, seed=args.seed, stop_id=tok.eos_id)
+    ids = generate(
+        model,
+        params,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_id=tok.eos_id,
+    )
     print(args.prompt + tok.decode(ids))
     return 0
 
@@ -124,8 +117,10 @@ def cmd_export(args) -> int:
     import shutil
 
     import llmjax
+    from llmjax.checkpoint.load import load_run
 
-    model, params, _, tok, step_dir = load_run(args.ckpt)
+    run = load_run(args.ckpt)
+    model, params, tok, step_dir = run.model, run.params, run.tokenizer, run.step_dir
     llmjax.to_hf(model, params, args.out)
     shutil.copy(tok.path, Path(args.out) / "tokenizer.model")
     print(f"wrote {args.out} from {step_dir}")
@@ -144,8 +139,9 @@ def cmd_tokenizer_train(args) -> int:
     from llmjax.data import TokenizerConfig, read_documents, resolve_paths
     from llmjax.data.tokenizer import Tokenizer, training_lines
 
-    cfg = TokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type,
-                          max_lines=args.max_lines)
+    cfg = TokenizerConfig(
+        vocab_size=args.vocab_size, model_type=args.model_type, max_lines=args.max_lines
+    )
     docs = read_documents(resolve_paths(args.data), args.text_field)
     tok = Tokenizer.train(training_lines((d.text for d in docs), cfg.max_lines, cfg.seed), cfg)
     tok.save(args.out)
@@ -172,8 +168,12 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--save-every", type=int)
     pt.add_argument("--log-every", type=int)
     pt.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,fsdp=-1")
-    pt.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override any config field, e.g. optim.lr=1e-3 (repeatable)")
+    pt.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. optim.lr=1e-3 (repeatable)",
+    )
     pt.set_defaults(fn=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")

@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state: async saves, validated resume, export."""
 
+from llmjax.checkpoint.load import LoadedRun, load_run
 from llmjax.checkpoint.manager import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
+    CheckpointMismatch,
     read_meta,
     resolve_checkpoint,
     restore,
@@ -12,10 +14,13 @@ from llmjax.checkpoint.manager import (
 
 __all__ = [
     "CheckpointError",
+    "CheckpointMismatch",
+    "LoadedRun",
     "Checkpointer",
     "read_meta",
     "resolve_checkpoint",
     "restore",
     "restore_latest",
     "step_dirs",
+    "load_run",
 ]

@@ -26,13 +26,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint written by a run with another configuration."""
+
+
 def step_dirs(directory: str | Path) -> list[int]:
     """Integer-named step directories, newest first (complete or not)."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted((int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()),
-                  reverse=True)
+    return sorted(
+        (int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True
+    )
 
 
 def looks_complete(step_dir: Path) -> str | None:
@@ -50,13 +55,24 @@ def looks_complete(step_dir: Path) -> str | None:
 class Checkpointer:
     """Saves every step it is asked to; keeps the newest ``keep_last`` plus the best eval loss."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, keep_best: bool = True,
-                 async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 3,
+        keep_best: bool = True,
+        async_save: bool = True,
+    ):
         self.directory = Path(directory).absolute()
         policies = [cm.LatestN(keep_last)]
         if keep_best:
-            policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                cm.BestN(
+                    get_metric_fn=lambda m: m["eval_loss"],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
@@ -69,8 +85,9 @@ class Checkpointer:
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             metrics=metrics,
             force=True,
         )
@@ -86,10 +103,12 @@ class Checkpointer:
 def read_meta(step_dir: str | Path) -> dict:
     """The JSON metadata of one checkpoint without touching its arrays."""
     step_dir = Path(step_dir)
-    with ocp.CheckpointManager(step_dir.parent,
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
-        return mgr.restore(int(step_dir.name),
-                           args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with ocp.CheckpointManager(
+        step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as mgr:
+        return mgr.restore(
+            int(step_dir.name), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
 
 
 def restore(step_dir: str | Path, abstract_state) -> tuple[dict, dict]:
@@ -98,31 +117,47 @@ def restore(step_dir: str | Path, abstract_state) -> tuple[dict, dict]:
     problem = looks_complete(step_dir)
     if problem:
         raise CheckpointError(f"{step_dir} is incomplete: {problem}")
-    with ocp.CheckpointManager(step_dir.parent,
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+    with ocp.CheckpointManager(
+        step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as mgr:
         out = mgr.restore(
             int(step_dir.name),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                    meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
         )
     return out["state"], out["meta"]
 
 
-def restore_latest(directory: str | Path, abstract_state, quarantine: bool = True):
+def restore_latest(directory: str | Path, abstract_state, check=None, quarantine: bool = True):
     """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none.
 
-    Newer step directories that fail are moved to ``<step>.invalid-<time>`` (never deleted), so
-    the resumed run can save those step numbers again.
+    ``check(meta)`` may raise ``CheckpointMismatch`` when a checkpoint is sound but belongs to
+    another configuration: that error propagates (nothing is moved), since falling back would
+    silently restart a run the user meant to continue. Newer step directories that are damaged
+    are moved to ``<step>.invalid-<time>`` (never deleted), so the resumed run can save those
+    step numbers again.
     """
     bad = []
     result = None
     for step in step_dirs(directory):
         path = Path(directory) / str(step)
         try:
+            problem = looks_complete(path)
+            if problem:
+                raise CheckpointError(f"incomplete: {problem}")
+            meta = read_meta(path)
+            if check is not None:
+                check(meta)
             state, meta = restore(path, abstract_state)
-        except Exception as e:  # any failure means "not usable": fall back to an older step
-            warnings.warn(f"checkpoint {path} cannot be restored ({type(e).__name__}: "
-                          f"{str(e)[:300]}); falling back to the previous one", stacklevel=2)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # any other failure means "damaged": fall back to an older step
+            warnings.warn(
+                f"checkpoint {path} cannot be restored ({type(e).__name__}: "
+                f"{str(e)[:300]}); falling back to the previous one",
+                stacklevel=2,
+            )
             bad.append(path)
             continue
         result = (step, state, meta)

@@ -19,7 +19,9 @@ import numpy as np
 from llmjax.data.sources import DataError
 from llmjax.data.tokens import TokenStream
 
-Batch = dict[str, np.ndarray]  # tokens, targets, positions, segment_ids: int32 [B, T]; loss_mask f32
+Batch = dict[
+    str, np.ndarray
+]  # tokens, targets, positions, segment_ids: int32 [B, T]; loss_mask f32
 
 
 @dataclass(frozen=True)

@@ -98,5 +98,7 @@ def build_data(config: DataConfig, out_dir: str | os.PathLike, model_vocab_size:
             f"the held-out split ({heldout.stream.num_tokens} tokens) is shorter than one sequence "
             f"of {config.seq_len}; add data or raise data.heldout_fraction"
         )
-    desc += f"; {train.stream.num_tokens:,} training tokens, {len(train):,} rows of {config.seq_len}"
+    desc += (
+        f"; {train.stream.num_tokens:,} training tokens, {len(train):,} rows of {config.seq_len}"
+    )
     return Data(tok, it, heldout, desc)

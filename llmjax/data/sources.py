@@ -72,7 +72,9 @@ def read_documents(paths: Iterable[Path], text_field: str = "text") -> list[Docu
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from e
                 if not isinstance(rec, dict) or text_field not in rec:
-                    raise DataError(f"{path}:{i + 1}: no {text_field!r} field (set data.text_field)")
+                    raise DataError(
+                        f"{path}:{i + 1}: no {text_field!r} field (set data.text_field)"
+                    )
                 if rec[text_field]:
                     docs.append(Document(f"{path}:{i + 1}", str(rec[text_field])))
         elif raw:
@@ -142,4 +144,3 @@ def corpus_hash(docs: Sequence[Document]) -> str:
         h.update(b"\0")
         h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
     return h.hexdigest()
-

@@ -36,7 +36,9 @@ class TokenizerConfig:
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise DataError(f"tokenizer model_type={self.model_type!r}: expected one of {MODEL_TYPES}")
+            raise DataError(
+                f"tokenizer model_type={self.model_type!r}: expected one of {MODEL_TYPES}"
+            )
         if self.vocab_size < 300:
             # Byte fallback alone needs 256 pieces, plus the specials and the two user symbols.
             raise DataError(f"tokenizer vocab_size={self.vocab_size}: must be at least 300")

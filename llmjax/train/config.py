@@ -126,11 +126,11 @@ def _parse(text: str, current, key: str):
     except (ValueError, SyntaxError):
         if current is None:
             return text
-        raise ConfigError(f"{key}={text!r}: expected a {type(current).__name__}") from None
+        raise ConfigError(f"{key}={text!r}: expected {type(current).__name__}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and not isinstance(value, type(current)):
-        raise ConfigError(f"{key}={text!r}: expected a {type(current).__name__}")
+        raise ConfigError(f"{key}={text!r}: expected {type(current).__name__}")
     return value
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import signal
 import threading
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llmjax.checkpoint import Checkpointer, restore_latest
+from llmjax.checkpoint import Checkpointer, CheckpointMismatch, restore_latest
 from llmjax.data import Data, PackedRows, eval_batches
 from llmjax.train import mesh as mesh_lib
 from llmjax.train.config import TrainConfig, to_dict
@@ -41,6 +42,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # every step this process ran
     eval_loss: float | None = None
     stopped: str = "done"  # "done" or "signal"
+    signum: int | None = None
     resumed_from: int | None = None
 
     @property
@@ -71,20 +73,46 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def evaluate(eval_step, params, rows: PackedRows, batch_size: int, max_batches: int,
-             sharding=None) -> float:
+def _compatible(config: TrainConfig, tokenizer_sha256: str, meta: dict) -> None:
+    """Raise ``CheckpointMismatch`` unless ``meta`` is of this model and tokenizer."""
+    # Compare as JSON sees them: tuples come back from the checkpoint as lists.
+    saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(config.model)))
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointMismatch(
+            f"the checkpoints in this output directory are of another model ({'; '.join(diff)}); "
+            "use a new --out, or the same model settings to resume"
+        )
+    if meta.get("tokenizer_sha256") != tokenizer_sha256:
+        raise CheckpointMismatch(
+            "the checkpoints in this output directory were trained with another tokenizer "
+            "(the data or tokenizer settings changed); use a new --out to start afresh"
+        )
+
+
+def evaluate(
+    eval_step, params, rows: PackedRows, batch_size: int, max_batches: int, place=None
+) -> float:
     """Token-weighted mean loss over the first ``max_batches`` held-out batches."""
     total = count = 0.0
     for batch in eval_batches(rows, batch_size, max_batches):
-        if sharding is not None:
-            batch = jax.device_put(batch, sharding)
+        if place is not None:
+            batch = place(batch)
         s, n = eval_step(params, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
 
-def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
-          eval_loss_fn: LossFn | None = None, log=print) -> TrainResult:
+def train(
+    config: TrainConfig,
+    model,
+    loss_fn: LossFn,
+    data: Data,
+    out_dir,
+    *,
+    eval_loss_fn: LossFn | None = None,
+    log=print,
+) -> TrainResult:
     """Run (or resume) ``config.loop.steps`` steps, writing checkpoints and metrics to ``out_dir``."""
     loop, out = config.loop, Path(out_dir)
     mesh = mesh_lib.make_mesh(loop.mesh)
@@ -95,13 +123,16 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
     init = functools.partial(init_state, model, tx, loop.seed)
     abstract = jax.eval_shape(init)
     shardings = mesh_lib.state_shardings(abstract, model.param_axes(), mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     batch_sh = mesh_lib.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     ckpt_dir = out / "checkpoints"
-    restored = restore_latest(ckpt_dir, abstract)
+    restored = restore_latest(
+        ckpt_dir, abstract, check=functools.partial(_compatible, config, data.tokenizer.sha256)
+    )
     with mesh_lib.activation_rules(mesh):
         if restored is None:
             start, state = 0, jax.jit(init, out_shardings=shardings)()
@@ -110,21 +141,40 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
             data.train.restore(meta["data"])
             log(f"resumed from {ckpt_dir / str(start)} (step {start})")
 
-    step_fn = jax.jit(make_train_step(loss_fn, tx, schedule, loop.grad_accum),
-                      in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
-                      donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(eval_loss_fn or loss_fn),
-                      in_shardings=(shardings["params"], None), out_shardings=replicated)
+    step_fn = jax.jit(
+        make_train_step(loss_fn, tx, schedule, loop.grad_accum),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        make_eval_step(eval_loss_fn or loss_fn),
+        in_shardings=(shardings["params"], None),
+        out_shardings=replicated,
+    )
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    eval_sh = batch_sh if config.data.batch_size % ways == 0 else replicated
+
+    def place(batch):  # a short last held-out batch may not split over the mesh
+        return jax.device_put(batch, batch_sh if len(batch["tokens"]) % ways == 0 else replicated)
 
     def run_eval(state):
-        return evaluate(eval_fn, state["params"], data.heldout, config.data.batch_size,
-                        loop.eval_batches, eval_sh)
+        return evaluate(
+            eval_fn,
+            state["params"],
+            data.heldout,
+            config.data.batch_size,
+            loop.eval_batches,
+            place,
+        )
 
     def meta_for(step, eval_loss):
-        return {"step": step, "data": data.train.state(), "config": to_dict(config),
-                "tokenizer_sha256": data.tokenizer.sha256, "eval_loss": eval_loss}
+        return {
+            "step": step,
+            "data": data.train.state(),
+            "config": to_dict(config),
+            "tokenizer_sha256": data.tokenizer.sha256,
+            "eval_loss": eval_loss,
+        }
 
     ckpt = Checkpointer(ckpt_dir, loop.keep_last, loop.keep_best, loop.async_save)
     metrics = MetricsLog(out, resume_step=start)
@@ -132,7 +182,8 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
     result = TrainResult(start, state, resumed_from=start if restored else None)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     last_saved = start if restored else None
-    step_time, steps_since_log = 0.0, 0  # seconds in data + step only (not eval or saving)
+    # Since the last log line: seconds in data + step only (not eval or saving), steps, loss sum.
+    step_time, steps_since_log, loss_sum = 0.0, 0, 0.0
 
     try:
         with _StopFlag() as stop, mesh_lib.activation_rules(mesh):
@@ -144,16 +195,21 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
                 loss = float(m["loss"])
                 step_time += time.perf_counter() - t0
                 steps_since_log += 1
+                loss_sum += loss
                 if step == start + 1:
                     log(f"compiled and ran the first step in {step_time:.1f}s")
                 if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
                     ckpt.wait()
-                    where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
-                             if last_saved is not None else "no checkpoint was saved")
+                    where = (
+                        f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
+                        if last_saved is not None
+                        else "no checkpoint was saved"
+                    )
                     raise TrainingDiverged(
                         f"loss {loss} / grad norm {float(m['grad_norm'])} at step {step} is not "
                         f"finite; stopped without saving it: {where} (lower optim.lr or raise "
-                        f"optim.warmup_steps, then rerun to resume)")
+                        f"optim.warmup_steps, then rerun to resume)"
+                    )
                 result.losses[step] = loss
                 result.step, result.state = step, state
 
@@ -164,28 +220,45 @@ def train(config: TrainConfig, model, loss_fn: LossFn, data: Data, out_dir, *,
                     result.eval_loss = eval_loss
                     ppl = math.exp(min(eval_loss, 700.0))
                     metrics.write(step, {"eval_loss": eval_loss, "perplexity": ppl})
-                    progress.message(f"step {step}: eval loss {eval_loss:.4f}, "
-                                     f"perplexity {ppl:.2f}")
+                    progress.message(
+                        f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}"
+                    )
 
                 if step % loop.log_every == 0 or last or step == start + 1:
                     tps = tokens_per_step * steps_since_log / max(step_time, 1e-9)
-                    rec = {"loss": loss, "learning_rate": float(m["learning_rate"]),
-                           "grad_norm": float(m["grad_norm"]), "tokens_per_sec": tps}
-                    rec.update({k: float(v) for k, v in m.items() if k not in rec
-                                and k not in ("tokens",) and np.ndim(v) == 0})
+                    mean_loss = loss_sum / steps_since_log  # one step's loss is a noisy sample
+                    rec = {
+                        "loss": mean_loss,
+                        "learning_rate": float(m["learning_rate"]),
+                        "grad_norm": float(m["grad_norm"]),
+                        "tokens_per_sec": tps,
+                    }
+                    rec.update(
+                        {
+                            k: float(v)
+                            for k, v in m.items()
+                            if k not in rec and k not in ("tokens",) and np.ndim(v) == 0
+                        }
+                    )
                     metrics.write(step, rec)
-                    progress.update(step, loss, tps)
-                    step_time, steps_since_log = 0.0, 0
+                    progress.update(step, mean_loss, tps)
+                    step_time, steps_since_log, loss_sum = 0.0, 0, 0.0
 
                 stopping = stop.signum is not None
-                if last or stopping or eval_loss is not None or (
-                        loop.save_every and step % loop.save_every == 0):
+                if (
+                    last
+                    or stopping
+                    or eval_loss is not None
+                    or (loop.save_every and step % loop.save_every == 0)
+                ):
                     ckpt.save(step, state, meta_for(step, eval_loss), eval_loss)
                     last_saved = step
                 if stopping:
-                    result.stopped = "signal"
-                    progress.message(f"stopping at step {step} on signal {stop.signum}; "
-                                     f"checkpoint saved to {ckpt_dir / str(step)}")
+                    result.stopped, result.signum = "signal", stop.signum
+                    progress.message(
+                        f"stopping at step {step} on signal {stop.signum}; "
+                        f"checkpoint saved to {ckpt_dir / str(step)}"
+                    )
                     break
     finally:
         progress.close()

@@ -48,13 +48,16 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
         raise ConfigError(f"--mesh {spec!r}: at most one axis may be -1")
     known = math.prod(v for v in given.values() if v != -1)
     if any(v == 0 or v < -1 for v in given.values()) or num_devices % known:
-        raise ConfigError(f"--mesh {spec!r}: sizes must be positive and divide the "
-                          f"{num_devices} devices")
+        raise ConfigError(
+            f"--mesh {spec!r}: sizes must be positive and divide the {num_devices} devices"
+        )
     for name, v in given.items():
         sizes[name] = num_devices // known if v == -1 else v
     if math.prod(sizes.values()) != num_devices:
-        raise ConfigError(f"--mesh {spec!r}: {sizes} uses {math.prod(sizes.values())} devices, "
-                          f"but there are {num_devices}; use -1 for one axis")
+        raise ConfigError(
+            f"--mesh {spec!r}: {sizes} uses {math.prod(sizes.values())} devices, "
+            f"but there are {num_devices}; use -1 for one axis"
+        )
     return sizes
 
 
@@ -83,8 +86,10 @@ def state_shardings(abstract_state, param_axes, mesh: Mesh):
     by_shape = {}
     param_sh = jax.tree.map(
         lambda p, names: NamedSharding(mesh, param_spec(names, p.shape, mesh)),
-        params, param_axes, is_leaf=lambda x: isinstance(x, tuple) and all(
-            isinstance(n, str | None) for n in x))
+        params,
+        param_axes,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, str | None) for n in x),
+    )
     # Adam's mu/nu mirror the parameter tree; match them by tree path suffix.
     flat_params = jax.tree_util.tree_flatten_with_path(param_sh)[0]
     for path, sh in flat_params:
@@ -109,8 +114,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if (batch_size // grad_accum) % ways:
-        raise ConfigError(f"data.batch_size={batch_size} / loop.grad_accum={grad_accum} must be "
-                          f"divisible by the data x fsdp mesh size {ways}")
+        raise ConfigError(
+            f"data.batch_size={batch_size} / loop.grad_accum={grad_accum} must be "
+            f"divisible by the data x fsdp mesh size {ways}"
+        )
 
 
 def activation_rules(mesh: Mesh):

@@ -31,8 +31,11 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
@@ -72,19 +75,23 @@ class Progress:
         self.total, self.start, self.enabled = total, start, enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.t0 = time.perf_counter()
+        self._first = None  # (step, time) of the first update: the rate excludes compilation
 
     def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (step, now)
+        done, elapsed = step - self._first[0], now - self._first[1]
+        eta = (self.total - step) * elapsed / done if done > 0 else float("inf")
         width = 24
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
-        line = (f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  "
-                f"{tokens_per_sec:,.0f} tok/s  ETA {_duration(eta) if math.isfinite(eta) else '?'}")
+        line = (
+            f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  "
+            f"{tokens_per_sec:,.0f} tok/s  ETA {_duration(eta) if math.isfinite(eta) else '?'}"
+        )
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:

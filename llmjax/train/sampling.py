@@ -18,8 +18,17 @@ def _pick(logits_BV, key, temperature: float, top_k: int):
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def generate(model, params, prompt_ids: list[int], max_new_tokens: int, *, temperature=0.8,
-             top_k: int = 40, seed: int = 0, stop_id: int | None = None) -> list[int]:
+def generate(
+    model,
+    params,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature=0.8,
+    top_k: int = 40,
+    seed: int = 0,
+    stop_id: int | None = None,
+) -> list[int]:
     """Up to ``max_new_tokens`` ids after ``prompt_ids`` (which should start with ``bos``)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least the bos id")

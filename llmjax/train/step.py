@@ -53,14 +53,15 @@ def make_train_step(loss_fn: LossFn, tx, schedule=None, grad_accum: int = 1):
                 (l, a), g = grad_fn(params, mb, r)
                 return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-            (_, aux0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
-                                           rngs[0])
+            (_, aux0), g0 = jax.eval_shape(
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro), rngs[0]
+            )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (jnp.float32(0), aux0, g0))
             (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, rngs))
             loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state["step"])

@@ -60,16 +60,18 @@ def _field_bytes(num: int, payload: bytes) -> bytes:
     return _varint(num << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode_event(step: int, wall_time: float, scalars: dict | None = None,
-                 file_version: str | None = None) -> bytes:
+def encode_event(
+    step: int, wall_time: float, scalars: dict | None = None, file_version: str | None = None
+) -> bytes:
     out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
     out += _varint(2 << 3 | 0) + _varint(int(step))
     if file_version is not None:
         out += _field_bytes(3, file_version.encode())
     if scalars:
         summary = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode())
-                         + _varint(2 << 3 | 5) + struct.pack("<f", float(v)))
+            _field_bytes(
+                1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(v))
+            )
             for tag, v in scalars.items()
         )
         out += _field_bytes(5, summary)
@@ -78,7 +80,9 @@ def encode_event(step: int, wall_time: float, scalars: dict | None = None,
 
 def frame(data: bytes) -> bytes:
     header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+    return (
+        header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+    )
 
 
 class EventWriter:

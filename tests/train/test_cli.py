@@ -1,0 +1,150 @@
+"""The command line end to end on a small run, and one clear error per bad input."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.checkpoint.load import load_run
+from llmjax.cli import main
+from llmjax.data import Tokenizer, TokenizerConfig
+from llmjax.data.tokenizer import training_lines
+from tests.train.helpers import cli_args, corpus_paths
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(cli_args(out, steps=8, extra=["--set", "loop.eval_every=4"])) == 0
+    return out
+
+
+def test_pretrain_outputs(run_dir):
+    assert (run_dir / "metrics.jsonl").is_file()
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    meta = json.loads((run_dir / "checkpoints" / "8" / "meta" / "metadata").read_text())
+    assert meta["step"] == 8 and meta["config"]["model"]["name"] == "llama3-tiny"
+    assert meta["data"]["index"] + meta["data"]["epoch"] > 0
+
+
+def test_eval_generate_on_checkpoint(run_dir, capsys):
+    assert (
+        main(["eval", "--ckpt", str(run_dir), "--data", *corpus_paths(), "--max-batches", "2"]) == 0
+    )
+    out = capsys.readouterr().out
+    ppl = float(out.split("perplexity ")[1].split()[0])
+    assert 1 < ppl < 512
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run_dir / "checkpoints"),
+                "--prompt",
+                "The ",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("The ")
+
+
+def test_export_matches_the_checkpoint(run_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    assert main(["export", "--ckpt", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    run = load_run(str(run_dir))
+    model, params = run.model, run.params
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokens = np.array([[2, 40, 41, 42, 43, 44, 45, 46]])
+    ours = np.asarray(model.apply(params, jnp.asarray(tokens)))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-4)
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+def test_plot(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "loss.png")]) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tokenizer_train(tmp_path):
+    out = tmp_path / "tok.model"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                *corpus_paths(),
+                "--vocab-size",
+                "400",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    tok = Tokenizer.load(out)
+    assert tok.vocab_size == 400
+    text = "To be, or not to be:\n\tthat is the question.\n"
+    assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "big.model"
+    texts = [p.read_text() for p in map(__import__("pathlib").Path, corpus_paths())]
+    Tokenizer.train(training_lines(texts, 20_000), TokenizerConfig(1024)).save(path)
+    return path
+
+
+def bad_inputs(tmp_path, big_tokenizer):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    base = cli_args(tmp_path / "out", steps=2)
+    data_at = base.index("--data") + 1
+    yield (
+        "empty corpus",
+        [*base[:data_at], str(empty), *base[data_at + len(corpus_paths()) :]],
+        "corpus is empty",
+    )
+    yield (
+        "missing file",
+        [*base[:data_at], str(tmp_path / "missing.txt"), *base[data_at + len(corpus_paths()) :]],
+        "no such file",
+    )
+    yield "seq_len beyond max", [*base, "--seq-len", "512"], "beyond the model's max_seq_len=256"
+    yield (
+        "tokenizer too big",
+        [*base, "--tokenizer", str(big_tokenizer)],
+        "model's vocab_size is 512",
+    )
+    yield "unknown preset", [*base, "--preset", "llama9-huge"], "unknown preset 'llama9-huge'"
+    yield "unknown key", [*base, "--set", "optim.learning_rate=1"], "valid keys: "
+    yield "bad value", [*base, "--set", "loop.steps=many"], "expected int"
+    yield "unknown recipe", ["pretrain", "--recipe", "nope"], "unknown recipe 'nope'"
+    yield "bad mesh", [*base, "--mesh", "pipeline=2"], "unknown axis 'pipeline'"
+
+
+def test_bad_inputs_fail_with_one_clear_error(tmp_path, big_tokenizer, capsys):
+    for name, argv, expected in bad_inputs(tmp_path, big_tokenizer):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}\n{err}"
+        assert expected in err, f"{name}: {err}"
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err}"
+
+
+def test_resuming_with_another_model_is_refused(run_dir, capsys):
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    code = main(cli_args(run_dir, steps=10, extra=["--set", "model.mlp_dim=64"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "mlp_dim: 128 -> 64" in err and "use a new --out" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before

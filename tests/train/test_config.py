@@ -1,0 +1,102 @@
+import dataclasses
+
+import jax
+import pytest
+
+import llmjax
+from llmjax.config import ConfigError
+from llmjax.train import override, valid_keys
+from llmjax.train.mesh import make_mesh, parse_mesh
+from llmjax.train.optim import lr_schedule
+from recipes import pretrain
+
+
+@pytest.mark.parametrize("name", sorted(pretrain.RECIPES))
+def test_every_recipe_builds(name):
+    cfg = pretrain.get(name)
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+    assert cfg.data.tokenizer_config.vocab_size <= cfg.model.vocab_size
+    llmjax.build(cfg.model)  # abstract shapes only: no parameters are allocated
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = pretrain.get("default")
+    cfg = override(cfg, "optim.lr=1e-3")
+    cfg = override(cfg, "loop.keep_best=false")
+    cfg = override(cfg, "model.n_layers=3")
+    cfg = override(cfg, "data.paths=a.txt,b.jsonl")
+    cfg = override(cfg, "model.rope.theta=10000")
+    cfg = override(cfg, "data.tokenizer_config.model_type=unigram")
+    assert (cfg.optim.lr, cfg.loop.keep_best, cfg.model.n_layers) == (1e-3, False, 3)
+    assert cfg.data.paths == ("a.txt", "b.jsonl") and cfg.model.rope.theta == 10000.0
+    assert isinstance(cfg.model.rope.theta, float)
+    with pytest.raises(ConfigError, match="valid keys: .*optim.lr"):
+        override(cfg, "optim.learning_rate=1")
+    with pytest.raises(ConfigError, match="expected int"):
+        override(cfg, "loop.steps=1.5")
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        override(cfg, "model.n_kv_heads=3")  # the model config's own validation runs
+    with pytest.raises(ConfigError, match="beyond the model's max_seq_len"):
+        override(cfg, "data.seq_len=4096")
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        override(cfg, "optim.schedule=step")
+    assert "model.rope.theta" in valid_keys(cfg) and "loop.z_loss" in valid_keys(cfg)
+
+
+def test_with_preset_fits_tokenizer_and_length():
+    cfg = pretrain.with_preset(pretrain.get("default"), "gpt2-tiny")
+    assert cfg.model.name == "gpt2-tiny"
+    assert cfg.data.seq_len == 128 and cfg.data.tokenizer_config.vocab_size == 512
+
+
+def test_schedule_warmup_then_decay():
+    cfg = dataclasses.replace(
+        pretrain.get("default").optim, lr=1.0, warmup_steps=10, min_lr_ratio=0.1
+    )
+    f = lr_schedule(cfg, 110)
+    assert float(f(0)) == pytest.approx(0.1) and float(f(9)) == pytest.approx(1.0)
+    assert float(f(60)) == pytest.approx(0.55, abs=0.02)  # cosine midpoint
+    assert float(f(110)) == pytest.approx(0.1)
+    lin = lr_schedule(dataclasses.replace(cfg, schedule="linear"), 110)
+    assert float(lin(60)) == pytest.approx(0.55)
+
+
+def test_mesh_spec():
+    assert parse_mesh("", 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert parse_mesh("data=2,fsdp=-1,tensor=2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    for bad, msg in [
+        ("data=3", "divide"),
+        ("data=-1,fsdp=-1", "at most one"),
+        ("pipe=2", "unknown axis"),
+        ("data=2", "there are 8"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_mesh(bad, 8)
+    mesh = make_mesh("")
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+
+
+def test_state_shardings_follow_the_parameters():
+    from jax.sharding import AbstractMesh, PartitionSpec
+
+    from llmjax.train import OptimizerConfig, init_state, make_optimizer
+    from llmjax.train.mesh import state_shardings
+
+    mesh = AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor"))
+    model = llmjax.build("llama3-tiny")
+    tx = make_optimizer(OptimizerConfig(), 10)
+    abstract = jax.eval_shape(lambda: init_state(model, tx, 0))
+    sh = state_shardings(abstract, model.param_axes(), mesh)
+    params = jax.tree.leaves(sh["params"])
+    assert any("fsdp" in str(s.spec) for s in params) and any(
+        "tensor" in str(s.spec) for s in params
+    )
+    # Every sharded dimension is divisible by its mesh axes.
+    for a, s in zip(jax.tree.leaves(abstract["params"]), params, strict=True):
+        for dim, axis in zip(a.shape, s.spec, strict=False):
+            if axis is not None:
+                assert dim % mesh.shape[axis] == 0
+    # Adam's moments are sharded exactly like their parameters; the step count is replicated.
+    mu = sh["opt_state"][1][0].mu
+    assert jax.tree.map(lambda s: s.spec, mu) == jax.tree.map(lambda s: s.spec, sh["params"])
+    assert sh["step"].spec == PartitionSpec()
