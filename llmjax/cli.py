@@ -46,6 +46,9 @@ def build_pretrain_config(args):
 
 
 def cmd_pretrain(args) -> int:
+    import llmjax.distributed
+
+    llmjax.distributed.initialize()  # a no-op for one process; automatic on Cloud TPU
     from recipes import pretrain
 
     cfg = build_pretrain_config(args)
@@ -203,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="PNG path (default: DIR/loss.png)")
     pl.set_defaults(fn=cmd_plot)
 
+    pn = sub.add_parser("plan", help="memory per device of a training step", add_help=False)
+    pn.set_defaults(fn=None)
+
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="tokenizer_command", required=True)
     tt = tks.add_parser("train", help="train a SentencePiece tokenizer")
@@ -217,6 +223,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # its own parser: `llmjax plan --help` lists the planner's flags
+        from llmjax.sharding.planner import main as plan_main
+
+        try:
+            return plan_main(argv[1:])
+        except (ValueError, KeyError) as e:
+            print(
+                f"llmjax plan: error: {e.args[0] if isinstance(e, KeyError) else e}",
+                file=sys.stderr,
+            )
+            return 2
     args = parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

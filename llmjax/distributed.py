@@ -96,3 +96,14 @@ def process_rows(global_batch_size: int) -> slice:
         )
     share = global_batch_size // n
     return slice(i * share, (i + 1) * share)
+
+
+def main_process_first(fn):
+    """Run ``fn`` on process 0, then on the others (which find what process 0 cached on disk)."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if is_main_process() else None
+    multihost_utils.sync_global_devices("llmjax: process 0 first")
+    return result if is_main_process() else fn()

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import llmjax
+import llmjax.distributed
 from llmjax.data import DataConfig, TokenizerConfig, build_data
 from llmjax.train import LoopConfig, OptimizerConfig, TrainConfig, next_token_loss, train
 from llmjax.train.sampling import generate
@@ -102,9 +103,14 @@ def loss(cfg: TrainConfig, model):
 
 def run(cfg: TrainConfig, out_dir, log=print):
     """Train (or resume) ``cfg`` in ``out_dir``; print the held-out perplexity and a sample."""
+    if not llmjax.distributed.is_main_process():
+        log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for the job)
     model = llmjax.build(cfg.model)
     log(f"recipe {cfg.name}: {model}")
-    data = build_data(cfg.data, out_dir, cfg.model.vocab_size)
+    # Process 0 trains the tokenizer and writes the token caches; the others then read them.
+    data = llmjax.distributed.main_process_first(
+        lambda: build_data(cfg.data, out_dir, cfg.model.vocab_size)
+    )
     log(f"data: {data.description}; tokenizer: {data.tokenizer.vocab_size} pieces")
     result = train(
         cfg, model, loss(cfg, model), data, out_dir, eval_loss_fn=next_token_loss(model), log=log

@@ -74,6 +74,8 @@ class BatchIterator:
         self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
         self.epoch, self.index = 0, 0
         self._order_epoch, self._order = -1, None
+        # In a multi-process job each process reads only its rows of every global batch.
+        self.local_rows = slice(None)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -96,7 +98,7 @@ class BatchIterator:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         i = self.index * self.batch_size
-        batch = self.rows.rows(self._epoch_order()[i : i + self.batch_size])
+        batch = self.rows.rows(self._epoch_order()[i : i + self.batch_size][self.local_rows])
         self.index += 1
         return batch
 

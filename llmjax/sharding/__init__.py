@@ -26,6 +26,7 @@ from llmjax.sharding.rules import (
     PRESETS,
     Rules,
     ShardingError,
+    default_rules,
     get_rules,
     param_spec,
 )
@@ -150,6 +151,7 @@ __all__ = [
     "activation_rules",
     "batch_sharding",
     "batch_ways",
+    "default_rules",
     "describe",
     "get_rules",
     "init_params",

@@ -31,10 +31,10 @@ class MeshConfig:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
             name = name.strip()
-            if not sep or name not in MESH_AXES:
-                raise ShardingError(
-                    f"mesh {spec!r}: {part!r} is not axis=size with an axis in {MESH_AXES}"
-                )
+            if not sep:
+                raise ShardingError(f"mesh {spec!r}: {part!r} is not axis=size")
+            if name not in MESH_AXES:
+                raise ShardingError(f"mesh {spec!r}: unknown axis {name!r}; axes are {MESH_AXES}")
             try:
                 given[name] = int(value)
             except ValueError:

@@ -17,7 +17,7 @@ from llmjax import axes
 from llmjax.config import ModelConfig, dtype_of
 from llmjax.models.model import Model
 from llmjax.sharding.mesh import MeshConfig
-from llmjax.sharding.rules import BATCH_AXES, MESH_AXES, Rules, get_rules, param_spec
+from llmjax.sharding.rules import BATCH_AXES, MESH_AXES, Rules, default_rules, get_rules, param_spec
 
 # Optimizer state in units of the parameters' bytes (AdamW keeps two moments).
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "sgd": 0, "lion": 1, "adafactor": 0}
@@ -163,16 +163,6 @@ def _mesh_axes_used(rules: Rules) -> set[str]:
     for axis in rules.params.values():
         used.update((axis,) if isinstance(axis, str) else axis)
     return used
-
-
-def default_rules(sizes: dict[str, int]) -> str:
-    """The parallelism preset a mesh implies: FSDP and/or tensor axes in use, else data."""
-    fsdp, tensor = sizes.get("fsdp", 1) > 1, sizes.get("tensor", 1) > 1
-    if sizes.get("expert", 1) > 1:
-        return "ep"
-    return {(True, True): "fsdp_tp", (False, True): "tp", (True, False): "fsdp"}.get(
-        (fsdp, tensor), "dp"
-    )
 
 
 def main(argv=None) -> int:

@@ -106,3 +106,13 @@ def param_spec(path: str, names, shape, mesh: Mesh, rules: Rules) -> PartitionSp
                 )
         out.append(None if not group else group[0] if len(group) == 1 else group)
     return PartitionSpec(*out)
+
+
+def default_rules(sizes: dict[str, int]) -> str:
+    """The parallelism preset a mesh implies: FSDP and/or tensor axes in use, else data."""
+    fsdp, tensor = sizes.get("fsdp", 1) > 1, sizes.get("tensor", 1) > 1
+    if sizes.get("expert", 1) > 1:
+        return "ep"
+    return {(True, True): "fsdp_tp", (False, True): "tp", (True, False): "fsdp"}.get(
+        (fsdp, tensor), "dp"
+    )

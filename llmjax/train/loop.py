@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llmjax import distributed, sharding
 from llmjax.checkpoint import Checkpointer, CheckpointMismatch, restore_latest
 from llmjax.data import Data, PackedRows, eval_batches
 from llmjax.train import mesh as mesh_lib
@@ -122,18 +123,19 @@ def train(
 
     init = functools.partial(init_state, model, tx, loop.seed)
     abstract = jax.eval_shape(init)
-    shardings = mesh_lib.state_shardings(abstract, model.param_axes(), mesh)
+    rules = mesh_lib.rules_for(mesh, loop.rules)
+    shardings = mesh_lib.state_shardings(model, tx, mesh, rules)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    batch_sh = mesh_lib.batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     ckpt_dir = out / "checkpoints"
     restored = restore_latest(
         ckpt_dir, abstract, check=functools.partial(_compatible, config, data.tokenizer.sha256)
     )
-    with mesh_lib.activation_rules(mesh):
+    with sharding.activation_rules(mesh, rules):
         if restored is None:
             start, state = 0, jax.jit(init, out_shardings=shardings)()
         else:
@@ -152,10 +154,17 @@ def train(
         in_shardings=(shardings["params"], None),
         out_shardings=replicated,
     )
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = sharding.batch_ways(mesh)
 
     def place(batch):  # a short last held-out batch may not split over the mesh
-        return jax.device_put(batch, batch_sh if len(batch["tokens"]) % ways == 0 else replicated)
+        target = batch_sh if len(batch["tokens"]) % ways == 0 else replicated
+        # Every process holds the same held-out batch: each takes its devices' part of it.
+        return {
+            k: jax.make_array_from_callback(v.shape, target, lambda idx, v=v: v[idx])
+            for k, v in batch.items()
+        }
+
+    data.train.local_rows = distributed.process_rows(config.data.batch_size)
 
     def run_eval(state):
         return evaluate(
@@ -177,8 +186,9 @@ def train(
         }
 
     ckpt = Checkpointer(ckpt_dir, loop.keep_last, loop.keep_best, loop.async_save)
-    metrics = MetricsLog(out, resume_step=start)
-    progress = Progress(loop.steps, start, loop.progress)
+    main = distributed.is_main_process()  # process 0 writes metrics and shows progress
+    metrics = MetricsLog(out, resume_step=start, enabled=main)
+    progress = Progress(loop.steps, start, loop.progress and main)
     result = TrainResult(start, state, resumed_from=start if restored else None)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     last_saved = start if restored else None
@@ -186,10 +196,10 @@ def train(
     step_time, steps_since_log, loss_sum = 0.0, 0, 0.0
 
     try:
-        with _StopFlag() as stop, mesh_lib.activation_rules(mesh):
+        with _StopFlag() as stop, sharding.activation_rules(mesh, rules):
             for step in range(start + 1, loop.steps + 1):
                 t0 = time.perf_counter()
-                batch = jax.device_put(next(data.train), batch_sh)
+                batch = sharding.shard_batch(next(data.train), mesh)
                 state, m = step_fn(state, batch)
                 m = jax.device_get(m)
                 loss = float(m["loss"])

@@ -27,8 +27,17 @@ class MetricsLog:
     written again) are dropped, so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+        enabled: bool = True,
+    ):
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:  # another process writes this run's metrics
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [
@@ -43,6 +52,8 @@ class MetricsLog:
         self._tb = EventWriter(Path(out_dir) / "tensorboard") if tensorboard else None
 
     def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
         rec = {"step": int(step), **{k: _clean(v) for k, v in values.items()}}
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
@@ -51,6 +62,8 @@ class MetricsLog:
             self._tb.scalars(step, nums)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._f.close()
         if self._tb is not None:
             self._tb.close()

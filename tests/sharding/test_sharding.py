@@ -86,8 +86,10 @@ def test_mesh_config_errors():
         sharding.MeshConfig.parse("data=2,tensor=3").sizes(8)
     with pytest.raises(ShardingError, match="at most one axis may be -1"):
         sharding.MeshConfig.parse("data=-1,fsdp=-1").sizes(8)
-    with pytest.raises(ShardingError, match="'model=2' is not axis=size"):
+    with pytest.raises(ShardingError, match="unknown axis 'model'"):
         sharding.MeshConfig.parse("model=2")
+    with pytest.raises(ShardingError, match="'fsdp' is not axis=size"):
+        sharding.MeshConfig.parse("fsdp")
     with pytest.raises(ShardingError, match="unknown parallelism preset 'zero3'"):
         sharding.get_rules("zero3")
 

@@ -6,7 +6,7 @@ import pytest
 import llmjax
 from llmjax.config import ConfigError
 from llmjax.train import override, valid_keys
-from llmjax.train.mesh import make_mesh, parse_mesh
+from llmjax.train.mesh import make_mesh
 from llmjax.train.optim import lr_schedule
 from recipes import pretrain
 
@@ -62,31 +62,30 @@ def test_schedule_warmup_then_decay():
 
 
 def test_mesh_spec():
-    assert parse_mesh("", 8) == {"data": 8, "fsdp": 1, "tensor": 1}
-    assert parse_mesh("data=2,fsdp=-1,tensor=2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    mesh = make_mesh("")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
     for bad, msg in [
-        ("data=3", "divide"),
+        ("data=2,tensor=3", "devices but there are 1"),
         ("data=-1,fsdp=-1", "at most one"),
-        ("pipe=2", "unknown axis"),
-        ("data=2", "there are 8"),
+        ("pipe=2", "unknown axis 'pipe'"),
     ]:
         with pytest.raises(ConfigError, match=msg):
-            parse_mesh(bad, 8)
-    mesh = make_mesh("")
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
+            make_mesh(bad)
 
 
 def test_state_shardings_follow_the_parameters():
-    from jax.sharding import AbstractMesh, PartitionSpec
+    from jax.sharding import PartitionSpec
 
+    from llmjax.sharding.planner import abstract_mesh
     from llmjax.train import OptimizerConfig, init_state, make_optimizer
-    from llmjax.train.mesh import state_shardings
+    from llmjax.train.mesh import rules_for, state_shardings
 
-    mesh = AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor"))
+    mesh = abstract_mesh({"data": 1, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2})
     model = llmjax.build("llama3-tiny")
     tx = make_optimizer(OptimizerConfig(), 10)
     abstract = jax.eval_shape(lambda: init_state(model, tx, 0))
-    sh = state_shardings(abstract, model.param_axes(), mesh)
+    assert rules_for(mesh) == "fsdp_tp"
+    sh = state_shardings(model, tx, mesh, rules_for(mesh))
     params = jax.tree.leaves(sh["params"])
     assert any("fsdp" in str(s.spec) for s in params) and any(
         "tensor" in str(s.spec) for s in params
