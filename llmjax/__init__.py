@@ -22,6 +22,13 @@ def build(name_or_config: str | ModelConfig, **overrides) -> Model:
     return Model(cfg.replace(**overrides) if overrides else cfg)
 
 
+def generate(model, params, prompts, **kwargs):
+    """Sample continuations of token-id prompts; see ``llmjax.inference.generate``."""
+    from llmjax.inference import generate as _generate
+
+    return _generate(model, params, prompts, **kwargs)
+
+
 def from_hf(path, **kwargs):
     """Load a local Hugging Face model directory: returns ``(model, params)``."""
     from llmjax.interop.hf import from_hf as _from_hf
@@ -45,5 +52,6 @@ __all__ = [
     "RopeConfig",
     "build",
     "from_hf",
+    "generate",
     "to_hf",
 ]

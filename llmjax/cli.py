@@ -95,27 +95,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from llmjax.checkpoint.load import load_run
-    from llmjax.train.sampling import generate
-
-    run = load_run(args.ckpt)
-    model, params, tok = run.model, run.params, run.tokenizer
-    prompt = [tok.bos_id] + tok.encode(args.prompt)
-    ids = generate(
-        model,
-        params,
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop_id=tok.eos_id,
-    )
-    print(args.prompt + tok.decode(ids))
-    return 0
-
-
 def cmd_export(args) -> int:
     import shutil
 
@@ -187,14 +166,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-batches", type=int, default=50)
     ev.set_defaults(fn=cmd_eval)
 
-    ge = sub.add_parser("generate", help="sample a continuation of --prompt")
-    ge.add_argument("--ckpt", required=True)
-    ge.add_argument("--prompt", required=True)
-    ge.add_argument("--max-new-tokens", type=int, default=100)
-    ge.add_argument("--temperature", type=float, default=0.8)
-    ge.add_argument("--top-k", type=int, default=40)
-    ge.add_argument("--seed", type=int, default=0)
-    ge.set_defaults(fn=cmd_generate)
+    ge = sub.add_parser(
+        "generate", help="sample a continuation (see llmjax generate --help)", add_help=False
+    )
+    ge.set_defaults(fn=None)
 
     ex = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
     ex.add_argument("--ckpt", required=True)
@@ -224,6 +199,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["generate"]:  # the inference package owns its flags
+        from llmjax.inference.cli import main as generate_main
+
+        return generate_main(argv[1:])
     if argv[:1] == ["plan"]:  # its own parser: `llmjax plan --help` lists the planner's flags
         from llmjax.sharding.planner import main as plan_main
 

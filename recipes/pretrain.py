@@ -13,8 +13,8 @@ from pathlib import Path
 import llmjax
 import llmjax.distributed
 from llmjax.data import DataConfig, TokenizerConfig, build_data
+from llmjax.inference import generate
 from llmjax.train import LoopConfig, OptimizerConfig, TrainConfig, next_token_loss, train
-from llmjax.train.sampling import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,12 +128,8 @@ def run(cfg: TrainConfig, out_dir, log=print):
         # The opening of the held-out split: a prompt in the corpus's own style, never trained on.
         prompt = [int(i) for i in data.heldout.stream.tokens[:16]]
         ids = generate(
-            model,
-            result.state["params"],
-            prompt,
-            cfg.loop.sample_tokens,
-            seed=cfg.loop.seed,
-            stop_id=tok.eos_id,
-        )
+            model, result.state["params"], [prompt], max_new_tokens=cfg.loop.sample_tokens,
+            temperature=0.8, top_k=40, seed=cfg.loop.seed, stop_tokens=(tok.eos_id,),
+        ).tokens[0]  # fmt: skip
         log("sample:\n" + tok.decode(prompt[1:] + ids))
     return result

@@ -1,0 +1,194 @@
+"""Decoding benchmark: llmjax's sampler against Hugging Face ``transformers`` on the same weights.
+
+A llama-style model (random weights) is exported with ``llmjax.to_hf`` and loaded by
+``transformers.AutoModelForCausalLM``; both decode greedily with their KV caches on the same CPU in
+the same process, and the generated tokens must be equal. Reported per batch size:
+
+- time to first token (TTFT): prefill of the prompt plus the first token;
+- decode tokens/s: the remaining ``new - 1`` tokens of every sequence over their wall time.
+
+transformers is timed with each torch thread count in ``--torch-threads`` and the faster one is
+the baseline (on a busy 2-core machine one thread can beat two: OpenMP workers spin).
+For llmjax the two phases are its two jitted calls (``prefill`` and the ``while_loop`` decode),
+timed after a warm-up compile. For transformers, TTFT is ``generate(max_new_tokens=1)`` and
+decode time is ``generate(max_new_tokens=new)`` minus it. Each timing is the best of ``--reps``
+runs: the machine may be shared, and the fastest run is the least disturbed one.
+
+    python bench/decode.py --batch 1,16 --prompt-len 64 --new 128
+
+The last printed line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import llmjax  # noqa: E402
+from llmjax.config import RopeConfig  # noqa: E402
+from llmjax.inference import sampler  # noqa: E402
+from llmjax.inference.processors import SamplingConfig  # noqa: E402
+
+
+def model_config(args):
+    return llmjax.build(
+        "llama3-tiny",
+        name="llama-bench",
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        mlp_dim=args.mlp,
+        max_seq_len=2048,
+        rope=RopeConfig(theta=500_000.0),
+        # Larger than the usual 0.02 so that next-token logits are far from tied: greedy outputs
+        # of two float32 implementations then agree token for token.
+        init_std=args.init_std,
+    )
+
+
+def best_time(fn, reps):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_llmjax(model, params, prompts, new, reps):
+    cfg = SamplingConfig()
+    tokens, lengths = sampler.pad_prompts(prompts, model.config.vocab_size)
+    args = (jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0))
+    extra = (cfg.params(model.config.vocab_size), sampler.stop_array(()))
+    kw = dict(mode=cfg.mode, max_new=new, masked=False)
+
+    def first():
+        return jax.block_until_ready(sampler.prefill(model, params, *args, *extra, **kw))
+
+    def run_all():
+        state = first()
+        return jax.block_until_ready(sampler.decode_loop(model, params, state, mode=cfg.mode))
+
+    out = run_all()  # compiles both calls
+    ttft = best_time(first, reps)
+    total = best_time(run_all, reps)
+    return np.asarray(out.out_BN), ttft, total - ttft
+
+
+def bench_hf(hf_model, prompts, new, reps):
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def gen(n):
+        with torch.inference_mode():
+            return hf_model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
+    out = gen(new)  # warm-up
+    ttft = best_time(lambda: gen(1), reps)
+    total = best_time(lambda: gen(new), reps)
+    return out[:, ids.shape[1] :].numpy(), ttft, total - ttft
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--init-std", type=float, default=0.1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--torch-threads",
+        default="1,2",
+        help="torch intra-op thread counts to try; the fastest is the baseline",
+    )
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    model = model_config(args)
+    params = jax.jit(model.init)(jax.random.key(0))
+    with tempfile.TemporaryDirectory() as d:
+        llmjax.to_hf(model, params, d)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    hf_model.eval()
+    hf_model.generation_config.eos_token_id = None
+
+    print(
+        f"model: {model}, d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}; "
+        f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32; "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"(threads {args.torch_threads}), transformers {transformers.__version__}"
+    )
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batch.split(",")]:
+        prompts = rng.integers(1, args.vocab, (batch, args.prompt_len)).tolist()
+        ours, j_ttft, j_dec = bench_llmjax(model, params, prompts, args.new, args.reps)
+        hf = {}
+        for threads in [int(t) for t in args.torch_threads.split(",")]:
+            torch.set_num_threads(threads)
+            hf[threads] = bench_hf(hf_model, prompts, args.new, args.reps)
+        threads = min(hf, key=lambda t: hf[t][2])
+        theirs, h_ttft, h_dec = hf[threads]
+        equal = all(bool((ours == h[0]).all()) for h in hf.values())
+        first_diff = None if equal else int(np.argwhere(ours != theirs)[:, 1].min())
+        tokens = batch * (args.new - 1)
+        rows.append(
+            dict(
+                batch=batch,
+                llmjax_ttft_ms=1e3 * j_ttft,
+                hf_ttft_ms=1e3 * h_ttft,
+                llmjax_decode_tok_s=tokens / j_dec,
+                hf_decode_tok_s=tokens / h_dec,
+                hf_threads=threads,
+                hf_decode_tok_s_by_threads={t: tokens / h[2] for t, h in hf.items()},
+                speedup=h_dec / j_dec,
+                greedy_equal=equal,
+                first_difference=first_diff,
+            )
+        )
+
+    print()
+    print("| batch | TTFT llmjax (ms) | TTFT transformers (ms) | decode llmjax (tok/s) "
+          "| decode transformers (tok/s, threads) | decode speedup | greedy equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['llmjax_ttft_ms']:.1f} | {r['hf_ttft_ms']:.1f} | "
+            f"{r['llmjax_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} ({r['hf_threads']}) | "
+            f"{r['speedup']:.2f}x | {r['greedy_equal']} |"
+        )
+    print(json.dumps(dict(benchmark="decode", args=vars(args), results=rows)))
+    return 0 if all(r["greedy_equal"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

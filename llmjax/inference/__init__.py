@@ -1,0 +1,29 @@
+"""Inference: batched sampling with a KV cache, speculative decoding, decoding helpers and
+weight-only quantization.
+
+    from llmjax.inference import generate
+    out = generate(model, params, [[1, 5, 7], [1, 9]], max_new_tokens=32, temperature=0.8, top_p=0.9)
+    out.tokens, out.logprobs, out.lengths
+
+See ``docs/inference.md``.
+"""
+
+from llmjax.inference.helpers import best_of_n, cot_decode, self_consistency
+from llmjax.inference.processors import SamplingConfig
+from llmjax.inference.quantize import QuantizedModel, dequantize, quantize
+from llmjax.inference.sampler import GenerationResult, generate
+from llmjax.inference.speculative import SpeculativeResult, speculative_generate
+
+__all__ = [
+    "GenerationResult",
+    "QuantizedModel",
+    "SamplingConfig",
+    "SpeculativeResult",
+    "best_of_n",
+    "cot_decode",
+    "dequantize",
+    "generate",
+    "quantize",
+    "self_consistency",
+    "speculative_generate",
+]

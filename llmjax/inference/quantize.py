@@ -1,0 +1,147 @@
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups.
+
+Format. A weight is viewed as a matrix ``[I, O]`` (its input dims flattened first, then its
+output dims) and stored as a ``QuantizedTensor``:
+
+- ``int8``: ``q`` int8 ``[I, O]``, ``scale`` float32 ``[1, O]`` = max|w| / 127 over each output
+  channel (symmetric, no zero point).
+- ``int4``: ``I`` split into groups of ``group_size`` consecutive inputs; ``scale`` float32
+  ``[I/g, 1, O]`` = max|w| / 7 per group and output; values in [-8, 7] are stored offset by 8, two
+  per byte (``q`` uint8 ``[I/g, g/2, O]``, low nibble first), so the stored weight is half a byte
+  per value plus one scale per group.
+
+Which weights: every parameter whose logical axes (``model.param_axes()``) make it a linear map:
+first axis ``embed`` (q/k/v, MLP gate/up, untied ``lm_head``: the input is ``embed``) or last axis
+``embed`` (attention output ``heads, head_dim -> embed`` and MLP ``down``: the input is every axis
+but the last). Embedding tables (``vocab``/``positions`` x ``embed``), norms and biases stay as
+they are: they are small, and a tied embedding doubles as the output head, where errors cost most.
+
+``QuantizedModel(model).apply(qparams, ...)`` dequantizes inside the (jitted) call, so only the
+quantized arrays persist in memory; XLA materialises each dequantized weight transiently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from llmjax import axes as ax
+
+MODES = ("int8", "int4")
+
+
+@struct.dataclass
+class QuantizedTensor:
+    q: jax.Array
+    scale: jax.Array
+    shape: tuple = struct.field(pytree_node=False)  # original shape
+    perm: tuple = struct.field(pytree_node=False)  # axes order that puts the input dims first
+    n_in: int = struct.field(pytree_node=False)  # how many leading (permuted) dims are input
+    bits: int = struct.field(pytree_node=False)
+    dtype: str = struct.field(pytree_node=False)
+
+    def dequantize(self) -> jax.Array:
+        if self.bits == 8:
+            w = self.q.astype(jnp.float32) * self.scale
+        else:
+            low = (self.q & 0xF).astype(jnp.int32)
+            high = (self.q >> 4).astype(jnp.int32)
+            groups = jnp.stack([low, high], axis=2).reshape(self.q.shape[0], -1, self.q.shape[-1])
+            w = (groups - 8).astype(jnp.float32) * self.scale
+        permuted = tuple(self.shape[i] for i in self.perm)
+        w = w.reshape(permuted).transpose(np.argsort(self.perm))
+        return w.astype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + self.scale.nbytes)
+
+
+def linear_input_axes(names: tuple) -> tuple[int, ...] | None:
+    """Indices of a weight's input dims from its logical names, or None if it is not linear."""
+    if len(names) < 2 or names[0] in (ax.VOCAB, ax.POSITIONS):
+        return None
+    if names[0] == ax.EMBED:
+        return (0,)
+    if names[-1] == ax.EMBED:
+        return tuple(range(len(names) - 1))
+    return None
+
+
+def quantize_tensor(w, in_axes: tuple[int, ...], mode: str, group_size: int = 64):
+    if mode not in MODES:
+        raise ValueError(f"quantization mode {mode!r}: expected one of {MODES}")
+    out_axes = tuple(i for i in range(w.ndim) if i not in in_axes)
+    perm = tuple(in_axes) + out_axes
+    I = math.prod(w.shape[i] for i in in_axes)
+    w2 = jnp.transpose(w, perm).reshape(I, -1).astype(jnp.float32)
+    meta = dict(shape=tuple(w.shape), perm=perm, n_in=len(in_axes), dtype=str(w.dtype))
+    if mode == "int8":
+        scale = jnp.max(jnp.abs(w2), axis=0, keepdims=True) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)
+        q = jnp.clip(jnp.round(w2 / scale), -127, 127).astype(jnp.int8)
+        return QuantizedTensor(q=q, scale=scale, bits=8, **meta)
+    if group_size % 2 or I % group_size:
+        raise ValueError(
+            f"int4 group_size={group_size} must be even and divide the input size {I} of a "
+            f"weight of shape {tuple(w.shape)}"
+        )
+    w3 = w2.reshape(I // group_size, group_size, -1)
+    scale = jnp.max(jnp.abs(w3), axis=1, keepdims=True) / 7.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    q = (jnp.clip(jnp.round(w3 / scale), -8, 7) + 8).astype(jnp.uint8)
+    pairs = q.reshape(I // group_size, group_size // 2, 2, -1)
+    packed = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+    return QuantizedTensor(q=packed, scale=scale, bits=4, **meta)
+
+
+def quantize(model, params, mode: str = "int8", group_size: int = 64):
+    """``params`` with every linear weight replaced by a ``QuantizedTensor`` (see module doc)."""
+    names = model.param_axes()
+
+    def visit(p, n):
+        if isinstance(p, dict):
+            return {k: visit(p[k], n[k]) for k in p}
+        in_axes = linear_input_axes(tuple(n))
+        return p if in_axes is None else quantize_tensor(p, in_axes, mode, group_size)
+
+    return visit(params, names)
+
+
+def dequantize(params):
+    is_q = lambda x: isinstance(x, QuantizedTensor)
+    return jax.tree.map(lambda x: x.dequantize() if is_q(x) else x, params, is_leaf=is_q)
+
+
+def param_bytes(params) -> int:
+    """Bytes held by a (possibly quantized) parameter tree."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(params)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedModel:
+    """A ``Model`` whose ``apply`` takes quantized parameters (``quantize``'s output).
+
+    It has the methods the samplers use (``apply``, ``init_cache``, ``config``), so it can be
+    passed to ``generate`` and ``speculative_generate`` in place of the model.
+    """
+
+    model: object
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def apply(self, qparams, tokens, **kwargs):
+        return self.model.apply(dequantize(qparams), tokens, **kwargs)
+
+    def init_cache(self, *args, **kwargs):
+        return self.model.init_cache(*args, **kwargs)
+
+    def param_axes(self):
+        return self.model.param_axes()
