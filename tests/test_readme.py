@@ -13,11 +13,17 @@ def _blocks(lang):
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def test_readme_example_runs_as_written():
-    examples = [b for b in _blocks("python") if "llmjax.build(" in b]
-    assert examples, "the README lost its usage example"
-    for code in examples:
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+def test_readme_examples_run_as_written():
+    """Every Python block runs, in order, in one namespace (later blocks reuse ``model``).
+
+    Skipped blocks need what a test machine lacks: a checkpoint directory, or 8 devices.
+    """
+    runnable = [b for b in _blocks("python") if "path/to" not in b and "MeshConfig" not in b]
+    assert any("llmjax.build(" in b for b in runnable), "the README lost its usage example"
+    assert any("llmjax.generate(" in b for b in runnable)
+    namespace = {"__name__": "readme"}
+    for code in runnable:
+        exec(compile(code, "README.md", "exec"), namespace)
 
 
 def test_ci_runs_the_readme_test_command():
