@@ -50,6 +50,7 @@ def compiled_bytes(cfg, batch_size, seq_len, mesh=None, rules="dp"):
     import llmjax
     from llmjax import sharding
     from llmjax.train.losses import next_token_loss
+    from llmjax.train.mesh import state_shardings
     from llmjax.train.step import init_state, make_train_step
 
     model = llmjax.build(cfg)
@@ -65,14 +66,8 @@ def compiled_bytes(cfg, batch_size, seq_len, mesh=None, rules="dp"):
     }
     kw = {}
     if mesh is not None:
-        p_sh = sharding.param_shardings(model, mesh, rules)
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        state_sh = {
-            "step": rep,
-            "params": p_sh,
-            "rng": rep,
-            "opt_state": sharding.optimizer_shardings(tx, p_sh, model.abstract_params(), mesh),
-        }
+        state_sh = state_shardings(model, tx, mesh, rules)
+        rep = state_sh["step"]
         b_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
         kw = dict(in_shardings=(state_sh, b_sh), out_shardings=(state_sh, rep))
     step = jax.jit(make_train_step(next_token_loss(model), tx), donate_argnums=0, **kw)

@@ -35,6 +35,7 @@ def main():
     import llmjax
     from llmjax import sharding
     from llmjax.train.losses import next_token_loss
+    from llmjax.train.mesh import state_shardings
     from llmjax.train.step import init_state, make_train_step
 
     model = llmjax.build(args.preset, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128)
@@ -62,14 +63,8 @@ def main():
         cfg = sharding.MeshConfig.parse(spec)
         n = math.prod(getattr(cfg, a) for a in sharding.MESH_AXES)
         mesh = cfg.build(jax.devices()[:n] if n > 0 else None)  # n < 0: an axis takes the rest
-        p_sh = sharding.param_shardings(model, mesh, rules)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        state_sh = {
-            "step": replicated,
-            "params": p_sh,
-            "rng": replicated,
-            "opt_state": sharding.optimizer_shardings(tx, p_sh, model.abstract_params(), mesh),
-        }
+        state_sh = state_shardings(model, tx, mesh, rules)
+        replicated = state_sh["step"]
         with sharding.activation_rules(mesh, rules):
             state = jax.jit(lambda: init_state(model, tx, 0), out_shardings=state_sh)()
             step = jax.jit(

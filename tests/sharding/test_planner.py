@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import llmjax
 from llmjax.sharding.planner import main, plan
+from tests.sharding.util import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _probe(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.sharding.memory_probe", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_module("tests.sharding.memory_probe", args)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import llmjax
 from llmjax import sharding
 from llmjax.sharding.planner import abstract_mesh
 from llmjax.sharding.rules import MESH_AXES, ShardingError, param_spec
+from tests.sharding.util import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL = [n for n in llmjax.PRESETS if not n.endswith("-tiny")]
@@ -103,20 +104,8 @@ def test_describe_reports_bytes_per_device():
     assert f"total: {total:,} bytes; per device: {total:,} bytes" in text
 
 
-def _run(args, env=None, timeout=600):
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.sharding.run_meshes", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+def _run(args):
+    return run_module("tests.sharding.run_meshes", args)
 
 
 MESH_RUNS = [
