@@ -263,7 +263,7 @@ def from_hf(
             )
         arrays = to_llmjax(entry, f.get(entry.hf), [shapes[p] for p in entry.paths])
         for p, a in zip(entry.paths, arrays, strict=True):
-            flat[p] = jax.device_put(a.astype(pdt), flat_shardings.get(p))
+            flat[p] = jax.device_put(a.astype(pdt, copy=False), flat_shardings.get(p))
     return model, _unflatten(flat)
 
 
