@@ -28,7 +28,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from llmjax.inference.processors import SamplingConfig, distribution, draw
@@ -39,6 +38,7 @@ from llmjax.inference.sampler import (
     pad_prompts,
     prefill_cache,
     stop_array,
+    to_result,
 )
 
 
@@ -244,13 +244,9 @@ def speculative_generate(
         max_new=max_new_tokens,
         masked=bool(lengths.min() != lengths.max()),
     )
-    out, logp = np.asarray(state.out_BN), np.asarray(state.logp_BN)
-    lens = [int(n) for n in np.asarray(state.length_B)]
+    base = to_result(state)  # the speculative state carries the sampler's output fields
     return SpeculativeResult(
-        tokens=[out[b, :n].tolist() for b, n in enumerate(lens)],
-        logprobs=[logp[b, :n].tolist() for b, n in enumerate(lens)],
-        lengths=lens,
-        stopped=[bool(s) for s in np.asarray(state.stopped_B)],
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
         proposed=int(state.proposed),
         accepted=int(state.accepted),
         target_calls=int(state.iters) + 1,
