@@ -1,11 +1,15 @@
 """Decoding benchmark: llmjax's sampler against Hugging Face ``transformers`` on the same weights.
 
-A llama-style model (random weights) is exported with ``llmjax.to_hf`` and loaded by
-``transformers.AutoModelForCausalLM``; both decode greedily with their KV caches on the same CPU in
-the same process, and the generated tokens must be equal. Reported per batch size:
+For each model size in ``SIZES`` (llama-style, random weights) the model is exported with
+``llmjax.to_hf`` and loaded by ``transformers.AutoModelForCausalLM``; both decode greedily with
+their KV caches on the same CPU in the same process, and the generated tokens must be equal.
+Reported per size and batch:
 
 - time to first token (TTFT): prefill of the prompt plus the first token;
-- decode tokens/s: the remaining ``new - 1`` tokens of every sequence over their wall time.
+- decode tokens/s: the remaining ``new - 1`` tokens of every sequence over their wall time;
+- the matmul floor: tokens/s if a step cost only its weight matmuls, timed in torch. It bounds
+  what any framework can reach, so it tells overhead (which a compiled loop removes) from
+  arithmetic (which it cannot).
 
 transformers is timed with each torch thread count in ``--torch-threads`` and the faster one is
 the baseline (on a busy 2-core machine one thread can beat two: OpenMP workers spin).
@@ -14,7 +18,8 @@ timed after a warm-up compile. For transformers, TTFT is ``generate(max_new_toke
 decode time is ``generate(max_new_tokens=new)`` minus it. Each timing is the best of ``--reps``
 runs: the machine may be shared, and the fastest run is the least disturbed one.
 
-    python bench/decode.py --batch 1,16 --prompt-len 64 --new 128
+    python bench/decode.py --reps 5                        # every size, batch 1 and 16
+    python bench/decode.py --sizes 60m --batch 1 --new 64
 
 The last printed line is one JSON object.
 """
@@ -38,22 +43,31 @@ from llmjax.config import RopeConfig  # noqa: E402
 from llmjax.inference import sampler  # noqa: E402
 from llmjax.inference.processors import SamplingConfig  # noqa: E402
 
+# Llama-style shapes: (d_model, layers, heads, kv_heads, mlp, vocab).
+SIZES = {
+    # The model `llmjax pretrain` trains by default (recipes/pretrain.py).
+    "stdlib": (128, 4, 4, 2, 384, 1024),
+    "12m": (256, 6, 8, 4, 768, 8192),
+    "60m": (512, 8, 8, 8, 1536, 32000),
+}
 
-def model_config(args):
+
+def model_config(size, init_std):
+    d, layers, heads, kv_heads, mlp, vocab = SIZES[size]
     return llmjax.build(
         "llama3-tiny",
-        name="llama-bench",
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        n_kv_heads=args.kv_heads,
-        mlp_dim=args.mlp,
+        name=f"llama-bench-{size}",
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv_heads,
+        mlp_dim=mlp,
         max_seq_len=2048,
         rope=RopeConfig(theta=500_000.0),
         # Larger than the usual 0.02 so that next-token logits are far from tied: greedy outputs
         # of two float32 implementations then agree token for token.
-        init_std=args.init_std,
+        init_std=init_std,
     )
 
 
@@ -110,17 +124,79 @@ def bench_hf(hf_model, prompts, new, reps):
     return out[:, ids.shape[1] :].numpy(), ttft, total - ttft
 
 
+def matmul_floor(hf_model, batch, reps):
+    """Seconds for one decode step's weight matmuls alone: every ``nn.Linear`` of the model
+    (lm_head included) applied to ``batch`` rows, back to back in torch. No framework can decode
+    a step faster than its BLAS multiplies the weights, so this bounds any speedup."""
+    import torch
+
+    linears = [m for m in hf_model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(batch, m.in_features) for m in linears]
+
+    def step():
+        with torch.inference_mode():
+            for m, x in zip(linears, xs, strict=True):
+                torch.nn.functional.linear(x, m.weight)
+
+    step()
+    return best_time(step, reps * 10)
+
+
+def bench_size(size, args):
+    import torch
+    import transformers
+
+    model = model_config(size, args.init_std)
+    params = jax.jit(model.init)(jax.random.key(0))
+    with tempfile.TemporaryDirectory() as d:
+        llmjax.to_hf(model, params, d)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    hf_model.eval()
+    hf_model.generation_config.eos_token_id = None
+    vocab = model.config.vocab_size
+    print(f"{size}: {model}, {SIZES[size]} (d_model, layers, heads, kv_heads, mlp, vocab)")
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batch.split(",")]:
+        prompts = rng.integers(1, vocab, (batch, args.prompt_len)).tolist()
+        ours, j_ttft, j_dec = bench_llmjax(model, params, prompts, args.new, args.reps)
+        hf, floor = {}, {}
+        for threads in [int(t) for t in args.torch_threads.split(",")]:
+            torch.set_num_threads(threads)
+            hf[threads] = bench_hf(hf_model, prompts, args.new, args.reps)
+            floor[threads] = matmul_floor(hf_model, batch, args.reps)
+        threads = min(hf, key=lambda t: hf[t][2])
+        theirs, h_ttft, h_dec = hf[threads]
+        equal = all(bool((ours == h[0]).all()) for h in hf.values())
+        first_diff = None if equal else int(np.argwhere(ours != theirs)[:, 1].min())
+        tokens = batch * (args.new - 1)
+        rows.append(
+            dict(
+                size=size,
+                params=model.num_params(),
+                batch=batch,
+                llmjax_ttft_ms=1e3 * j_ttft,
+                hf_ttft_ms=1e3 * h_ttft,
+                llmjax_decode_tok_s=tokens / j_dec,
+                hf_decode_tok_s=tokens / h_dec,
+                hf_threads=threads,
+                hf_decode_tok_s_by_threads={t: tokens / h[2] for t, h in hf.items()},
+                matmul_floor_tok_s=batch / min(floor.values()),
+                speedup=h_dec / j_dec,
+                greedy_equal=equal,
+                first_difference=first_diff,
+            )
+        )
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=",".join(SIZES), help=f"model sizes among {list(SIZES)}")
     p.add_argument("--batch", default="1,16")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--mlp", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--init-std", type=float, default=0.1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
@@ -129,62 +205,31 @@ def main(argv=None):
         help="torch intra-op thread counts to try; the fastest is the baseline",
     )
     args = p.parse_args(argv)
+    sizes = args.sizes.split(",")
+    if unknown := [s for s in sizes if s not in SIZES]:
+        p.error(f"unknown sizes {unknown}; choose from {list(SIZES)}")
 
     import torch
     import transformers
 
-    model = model_config(args)
-    params = jax.jit(model.init)(jax.random.key(0))
-    with tempfile.TemporaryDirectory() as d:
-        llmjax.to_hf(model, params, d)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    hf_model.eval()
-    hf_model.generation_config.eos_token_id = None
-
     print(
-        f"model: {model}, d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}; "
         f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32; "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"(threads {args.torch_threads}), transformers {transformers.__version__}"
     )
-    rows = []
-    rng = np.random.default_rng(0)
-    for batch in [int(b) for b in args.batch.split(",")]:
-        prompts = rng.integers(1, args.vocab, (batch, args.prompt_len)).tolist()
-        ours, j_ttft, j_dec = bench_llmjax(model, params, prompts, args.new, args.reps)
-        hf = {}
-        for threads in [int(t) for t in args.torch_threads.split(",")]:
-            torch.set_num_threads(threads)
-            hf[threads] = bench_hf(hf_model, prompts, args.new, args.reps)
-        threads = min(hf, key=lambda t: hf[t][2])
-        theirs, h_ttft, h_dec = hf[threads]
-        equal = all(bool((ours == h[0]).all()) for h in hf.values())
-        first_diff = None if equal else int(np.argwhere(ours != theirs)[:, 1].min())
-        tokens = batch * (args.new - 1)
-        rows.append(
-            dict(
-                batch=batch,
-                llmjax_ttft_ms=1e3 * j_ttft,
-                hf_ttft_ms=1e3 * h_ttft,
-                llmjax_decode_tok_s=tokens / j_dec,
-                hf_decode_tok_s=tokens / h_dec,
-                hf_threads=threads,
-                hf_decode_tok_s_by_threads={t: tokens / h[2] for t, h in hf.items()},
-                speedup=h_dec / j_dec,
-                greedy_equal=equal,
-                first_difference=first_diff,
-            )
-        )
+    rows = [r for size in sizes for r in bench_size(size, args)]
 
     print()
-    print("| batch | TTFT llmjax (ms) | TTFT transformers (ms) | decode llmjax (tok/s) "
-          "| decode transformers (tok/s, threads) | decode speedup | greedy equal |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| model | batch | TTFT llmjax (ms) | TTFT transformers (ms) | decode llmjax (tok/s) "
+          "| decode transformers (tok/s, threads) | speedup | matmul floor (tok/s) "
+          "| greedy equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['batch']} | {r['llmjax_ttft_ms']:.1f} | {r['hf_ttft_ms']:.1f} | "
-            f"{r['llmjax_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} ({r['hf_threads']}) | "
-            f"{r['speedup']:.2f}x | {r['greedy_equal']} |"
+            f"| {r['size']} ({r['params'] / 1e6:.1f} M) | {r['batch']} | "
+            f"{r['llmjax_ttft_ms']:.1f} | {r['hf_ttft_ms']:.1f} | "
+            f"{r['llmjax_decode_tok_s']:.0f} | {r['hf_decode_tok_s']:.0f} ({r['hf_threads']}) | "
+            f"{r['speedup']:.2f}x | {r['matmul_floor_tok_s']:.0f} | {r['greedy_equal']} |"
         )
     print(json.dumps(dict(benchmark="decode", args=vars(args), results=rows)))
     return 0 if all(r["greedy_equal"] for r in rows) else 1

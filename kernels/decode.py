@@ -86,7 +86,7 @@ def _merge_splits(o_BKNRC, lse_BKNR1):
 
 def _decode_triton(q_BKRC, k, v, lengths, spec, t, g, bk, n_split, interpret):
     b, kv_heads, rows, c = q_BKRC.shape
-    s = k.shape[1]
+    s = k.shape[2]
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -99,8 +99,8 @@ def _decode_triton(q_BKRC, k, v, lengths, spec, t, g, bk, n_split, interpret):
         in_specs=[
             pl.BlockSpec((b,), lambda bi, ki, si: (0,)),
             pl.BlockSpec((None, None, rows, c), lambda bi, ki, si: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, s, None, c), lambda bi, ki, si: (bi, 0, ki, 0)),
-            pl.BlockSpec((None, s, None, c), lambda bi, ki, si: (bi, 0, ki, 0)),
+            pl.BlockSpec((None, None, s, c), lambda bi, ki, si: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, None, s, c), lambda bi, ki, si: (bi, ki, 0, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, c), lambda bi, ki, si: (bi, ki, si, 0, 0)),
@@ -135,7 +135,8 @@ def decode_attention(
 
     Args:
       q: ``[B, T, H, C]``; T is small (1 to a few tokens).
-      k_cache, v_cache: ``[B, S, K, C]`` with K dividing H.
+      k_cache, v_cache: ``[B, K, S, C]`` (heads-major, so that each kv head's slots are
+        contiguous for the kernel and for XLA's batched matmuls) with K dividing H.
       lengths: int32 ``[B]``, valid slots per sequence including the T new tokens. Query t of
         sequence b sits at slot ``lengths[b] - T + t`` and sees slots ``j <= slot`` (and
         ``slot - j < sliding_window``); slots ``>= lengths[b]`` are never visible.
@@ -149,14 +150,14 @@ def decode_attention(
       ``[B, T, H, C]`` in q's dtype; a query with no visible slot (length < T) gives 0.
     """
     b, t, h, c = q.shape
-    s, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    kv_heads, s = k_cache.shape[1], k_cache.shape[2]
     if (
         k_cache.shape != v_cache.shape
         or k_cache.shape[0] != b
         or h % kv_heads
         or k_cache.shape[3] != c
     ):
-        raise ValueError(f"expected q [B,T,H,C], caches [B,S,K,C]; got {q.shape}, {k_cache.shape}")
+        raise ValueError(f"expected q [B,T,H,C], caches [B,K,S,C]; got {q.shape}, {k_cache.shape}")
     lengths = jnp.asarray(lengths, jnp.int32)
     impl = choose_implementation(implementation, interpret, c, q.dtype, op="decode_attention")
     if implementation in (None, "pallas") and impl == "pallas_triton" and not interpret:
@@ -184,7 +185,7 @@ def decode_attention(
     bk = block_k or (512 if tpu else 64)
     bk = max(128 if tpu else 16, min(bk, 1 << max(0, (s - 1).bit_length())))
     s_pad = -(-s // bk) * bk
-    pad_s = [(0, 0), (0, s_pad - s), (0, 0), (0, 0)]
+    pad_s = [(0, 0), (0, 0), (0, s_pad - s), (0, 0)]
     k_cache, v_cache = jnp.pad(k_cache, pad_s), jnp.pad(v_cache, pad_s)
     # [B, T, K, G, C] -> [B, K, T*G, C]: row r is token r // G of head (k, r % G).
     q_BKRC = q.reshape(b, t, kv_heads, g, c).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, c)

@@ -53,10 +53,9 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr, *, spec
 
 
 def decode(q_BKRC, k, v, lengths, spec, t, g, bk, interpret):
-    """``q_BKRC`` folded rows, caches ``[B, S, K, C]`` padded to ``bk`` -> fp32 ``[B, K, R, C]``."""
+    """``q_BKRC`` folded rows, caches ``[B, K, S, C]`` padded to ``bk`` -> fp32 ``[B, K, R, C]``."""
     b, kv_heads, rows, c = q_BKRC.shape
-    nk = k.shape[1] // bk
-    k_BKSC, v_BKSC = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    nk = k.shape[2] // bk
 
     def kv_index(bi, ki, j, lens):
         lo, hi = kv_range(lens[bi], t, spec.window, bk)
@@ -86,4 +85,4 @@ def decode(q_BKRC, k, v, lengths, spec, t, g, bk, interpret):
         ),
         interpret=interpret,
         name="decode_attention_tpu",
-    )(lengths, q_BKRC, k_BKSC, v_BKSC)
+    )(lengths, q_BKRC, k, v)

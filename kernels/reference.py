@@ -75,13 +75,15 @@ def attention_reference(
 def decode_reference(
     q, k_cache, v_cache, lengths, *, sliding_window=None, logit_soft_cap=None, scale=None
 ):
-    """Reference for ``kernels.decode_attention``: query t of row b sits at slot len_b - T + t."""
+    """Reference for ``kernels.decode_attention`` (caches ``[B, K, S, C]``): query t of row b sits
+    at slot len_b - T + t."""
     _, t, _, c = q.shape
-    s = k_cache.shape[1]
+    s = k_cache.shape[2]
     scale = c**-0.5 if scale is None else scale
     lengths = lengths.astype(jnp.int32)
     q_pos = (lengths[:, None] - t + jnp.arange(t)[None, :])[:, :, None]
     k_pos = jnp.arange(s)[None, None, :]
     ok = _window_ok(q_pos, k_pos, True, sliding_window) & (k_pos < lengths[:, None, None])
-    out, _ = _attend(q, k_cache, v_cache, ok, scale, logit_soft_cap)
+    k_BSKC, v_BSKC = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
+    out, _ = _attend(q, k_BSKC, v_BSKC, ok, scale, logit_soft_cap)
     return out.astype(q.dtype)

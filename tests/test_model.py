@@ -116,6 +116,21 @@ def test_cache_with_right_padded_prompts(tiny):
         np.testing.assert_allclose(logits[b, 0], model.apply(params, seq)[0, -1], atol=2e-5)
 
 
+def test_logit_index_selects_rows_of_the_full_logits(tiny):
+    """Unembedding only some tokens (a prefill's last one) gives exactly those rows."""
+    model, params = tiny
+    x = tokens_for(model, batch=2, length=12)
+    full = model.apply(params, x)
+    index = jnp.asarray([[11, 3], [0, 7]], jnp.int32)
+    some = model.apply(params, x, logit_index=index)
+    assert some.shape == (2, 2, model.config.vocab_size)
+    np.testing.assert_allclose(
+        some, jnp.take_along_axis(full, index[:, :, None], axis=1), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="logit_index must be int"):
+        model.apply(params, x, logit_index=jnp.zeros((3,), jnp.int32))
+
+
 @pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow)])
 def test_remat_equals_no_remat(tiny, policy):
     model, params = tiny

@@ -86,10 +86,11 @@ def prefill_cache(model, params, tokens_BL, lengths_B, cache_len: int, masked: b
     """``(logits of each prompt's last real token [B, V], cache at the prompt lengths)``."""
     cache = model.init_cache(tokens_BL.shape[0], cache_len)
     mask = (jnp.arange(tokens_BL.shape[1])[None] < lengths_B[:, None]) if masked else None
-    logits, cache = model.apply(params, tokens_BL, attention_mask=mask, cache=cache)
-    cache = cache.replace(length_B=lengths_B)
-    last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    last = (lengths_B - 1)[:, None]
+    logits, cache = model.apply(
+        params, tokens_BL, attention_mask=mask, cache=cache, logit_index=last
+    )
+    return logits[:, 0], cache.replace(length_B=lengths_B)
 
 
 def stop_array(stop_tokens) -> jax.Array:

@@ -4,6 +4,10 @@ Masks are built from *slots* (indices into the key/value sequence), never from R
 packed documents, left padding and KV caches all use one rule: query at slot i sees key at slot j iff
 ``j <= i``, ``i - j < window`` (local layers) and both carry the same segment id. Segment id 0 marks
 padding: padded keys are invisible to real tokens.
+
+Keys and values arrive ``[B, S, K, C]`` when they were just projected, and ``[B, K, S, C]``
+(heads-major) when they come from a KV cache: a decode step's attention is then a batched matmul over
+(B, K) on contiguous slots, with no per-step transpose of the whole cache.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ def attention_mask(q_slot_BT, q_seg_BT, kv_seg_BS, window):
     return mask
 
 
-def xla_attention(q_BTHC, k_BSKC, v_BSKC, mask_BTS, *, scale, softcap):
-    """Reference attention: grouped heads share K/V without materialising copies."""
+def xla_attention(q_BTHC, k, v, mask_BTS, *, scale, softcap, heads_major=False):
+    """Reference attention: grouped heads share K/V without materialising copies.
+
+    ``k`` and ``v`` are ``[B, S, K, C]``, or ``[B, K, S, C]`` with ``heads_major``.
+    """
     B, T, H, C = q_BTHC.shape
-    K = k_BSKC.shape[2]
+    kv = "BKSC" if heads_major else "BSKC"
+    K = k.shape[kv.index("K")]
     q_BTKGC = q_BTHC.reshape(B, T, K, H // K, C)
     logits = jnp.einsum(
-        "BTKGC,BSKC->BKGTS", q_BTKGC, k_BSKC, preferred_element_type=jnp.float32
+        f"BTKGC,{kv}->BKGTS", q_BTKGC, k, preferred_element_type=jnp.float32
     ) * jnp.float32(scale)
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
@@ -47,7 +55,12 @@ def xla_attention(q_BTHC, k_BSKC, v_BSKC, mask_BTS, *, scale, softcap):
     probs = jax.nn.softmax(logits, axis=-1)
     # A query that sees no key (e.g. padding) returns zeros rather than an average of masked values.
     probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("BKGTS,BSKC->BTKGC", probs.astype(v_BSKC.dtype), v_BSKC)
+    if heads_major:
+        # Asked for "BTKGC" directly, XLA:CPU emits this product as [B, K, C, G] (transposed) and
+        # runs it 3-6x slower; the canonical batched-matmul order plus a small transpose is not.
+        out = jnp.einsum("BKGTS,BKSC->BKGTC", probs.astype(v.dtype), v)
+        return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, C)
+    out = jnp.einsum(f"BKGTS,{kv}->BTKGC", probs.astype(v.dtype), v)
     return out.reshape(B, T, H, C)
 
 
@@ -68,15 +81,16 @@ def attend(
 ):
     """Dispatch to the configured implementation, falling back to XLA with a stated reason.
 
-    ``decode_lengths`` is set when keys come from a KV cache (valid slots per sequence after this
-    step's write); ``packed`` says whether segment ids or padding are in play.
+    ``decode_lengths`` is set when keys come from a KV cache (``[B, K, S, C]``; valid slots per
+    sequence after this step's write); ``packed`` says whether segment ids or padding are in play.
     """
+    cached = decode_lengths is not None
     if impl == "pallas":
         import kernels
 
         # With no accelerator the kernels run in Pallas interpret mode: slow, but the same code.
         interpret = jax.default_backend() == "cpu"
-        if decode_lengths is None:
+        if not cached:
             segments = (q_seg, kv_seg) if packed else None
             return kernels.flash_attention(
                 q, k, v, causal=True, sliding_window=window, segment_ids=segments,
@@ -106,7 +120,7 @@ def attend(
             _warn_once(
                 "attention_impl='cudnn': cuDNN has no logit soft-capping; using XLA attention"
             )
-        elif decode_lengths is None and not packed:
+        elif not cached and not packed:
             return jax.nn.dot_product_attention(
                 q,
                 k,
@@ -116,11 +130,21 @@ def attend(
                 implementation="cudnn",
                 local_window_size=None if window is None else (window - 1, 0),
             )
-        else:
+        elif not cached or q.shape[1] > 1:
+            # cuDNN wants [B, S, K, C]: transposing a cache is worth it for a prefill, not for
+            # a one-token decode step (below, XLA reads the heads-major cache as it is).
+            if cached:
+                k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
             mask = attention_mask(q_slot, q_seg, kv_seg, window)[:, None]
             return jax.nn.dot_product_attention(
                 q, k, v, mask=mask, scale=scale, implementation="cudnn"
             )
     return xla_attention(
-        q, k, v, attention_mask(q_slot, q_seg, kv_seg, window), scale=scale, softcap=softcap
+        q,
+        k,
+        v,
+        attention_mask(q_slot, q_seg, kv_seg, window),
+        scale=scale,
+        softcap=softcap,
+        heads_major=cached,
     )

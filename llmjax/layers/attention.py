@@ -14,10 +14,11 @@ from llmjax.layers.params import dense, zeros
 from llmjax.layers.rope import apply_rope
 
 
-def write_cache(cache_BSKC, new_BTKC, start_B):
-    """Write each sequence's new keys (or values) at its own start slot."""
-    update = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
-    return jax.vmap(update)(cache_BSKC, new_BTKC, start_B)
+def write_cache(cache_BKSC, new_BTKC, start_B):
+    """Write each sequence's new keys (or values) at its own start slot of a heads-major cache."""
+    new_BKTC = jnp.swapaxes(new_BTKC, 1, 2).astype(cache_BKSC.dtype)
+    update = lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (0, s, 0))
+    return jax.vmap(update)(cache_BKSC, new_BKTC, start_B)
 
 
 class Attention(nnx.Module):
@@ -85,7 +86,11 @@ class Attention(nnx.Module):
             decode_lengths=decode_lengths,
             packed=ctx.packed,
         )
-        out_BTD = jnp.einsum("BTHC,HCD->BTD", out.astype(dt), self.wo[...].astype(dt))
+        # One [H*C, D] matmul: with "BTHC,HCD" XLA:CPU may pick a (C, H) activation layout and then
+        # transpose the whole weight on every call (every decode step).
+        B, T, H, C = out.shape
+        wo = self.wo[...].astype(dt).reshape(H * C, -1)
+        out_BTD = jnp.einsum("BTX,XD->BTD", out.astype(dt).reshape(B, T, H * C), wo)
         if self.out_bias:
             out_BTD = out_BTD + self.bo[...].astype(dt)
         return out_BTD, cache

@@ -18,7 +18,9 @@ from llmjax.models.transformer import MaskContext, Transformer
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values ``[B, S, K, C]``, each slot's segment id and each sequence's length.
+    """Per-layer keys and values ``[B, K, S, C]``, each slot's segment id and each sequence's length.
+
+    Heads-major so that a decode step attends over contiguous slots of each kv head.
 
     ``length[b]`` is the number of slots written for sequence b; the next call writes its tokens there.
     ``packed`` records (statically) whether padding or segments were ever written.
@@ -82,12 +84,15 @@ class Model:
         segment_ids=None,
         attention_mask=None,
         cache: KVCache | None = None,
+        logit_index=None,
     ):
         """Logits ``[B, T, V]`` (float32) for int tokens ``[B, T]``; with ``cache`` also the new cache.
 
         ``positions`` (RoPE or learned positions) default to each token's slot. ``segment_ids`` keep
         packed documents from attending to each other; ``attention_mask`` (1 real, 0 padding) hides
-        padded keys. Under ``jax.jit`` out-of-range ids cannot raise: they give NaN logits.
+        padded keys. ``logit_index`` (int ``[B, N]``, indices into T) computes logits ``[B, N, V]``
+        at those tokens only: a prefill needs one row, not T times the vocabulary. Under
+        ``jax.jit`` out-of-range ids cannot raise: they give NaN logits.
         """
         cfg = self.config
         tokens = jnp.asarray(tokens)
@@ -140,7 +145,13 @@ class Model:
         state = jax.tree.map(lambda x: x, self._abstract_state)
         nnx.replace_by_pure_dict(state, params)
         module = nnx.merge(self._graphdef, state)
-        logits, layers = module(tokens, positions, ctx, cache)
+        if logit_index is not None:
+            logit_index = jnp.asarray(logit_index, jnp.int32)
+            if logit_index.ndim != 2 or logit_index.shape[0] != B:
+                raise ValueError(
+                    f"logit_index must be int [batch={B}, N]; got shape {list(logit_index.shape)}"
+                )
+        logits, layers = module(tokens, positions, ctx, cache, logit_index)
         if cache is None:
             return logits
         new_cache = KVCache(
@@ -155,7 +166,7 @@ class Model:
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         cfg = self.config
-        shape = (batch_size, max_len, cfg.resolved_kv_heads, cfg.resolved_head_dim)
+        shape = (batch_size, cfg.resolved_kv_heads, max_len, cfg.resolved_head_dim)
         dtype = dtype or dtype_of(cfg.dtype)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         return KVCache(

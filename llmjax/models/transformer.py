@@ -72,7 +72,7 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg, rngs, (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB))
 
-    def __call__(self, tokens_BT, positions_BT, ctx: MaskContext, cache=None):
+    def __call__(self, tokens_BT, positions_BT, ctx: MaskContext, cache=None, logit_index_BN=None):
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
         if cfg.embed_scale:
@@ -98,6 +98,8 @@ class Transformer(nnx.Module):
                 x, layer_cache = block(x, rope_cs, ctx, layer_cache)
             new_cache.append(layer_cache)
 
+        if logit_index_BN is not None:  # e.g. a prefill needs only the last prompt token's logits
+            x = jnp.take_along_axis(x, logit_index_BN[:, :, None], axis=1)
         x = self.final_norm(x)
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(dt))

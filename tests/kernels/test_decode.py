@@ -11,8 +11,14 @@ from tests.kernels import util
 F32, BF16 = jnp.float32, jnp.bfloat16
 
 
+def _cache_inputs(seed, b, t, s, h, kv, c, dtype):
+    """q ``[B, T, H, C]`` and heads-major caches ``[B, K, S, C]``."""
+    q, k, v, _ = util.inputs(seed, b, t, s, h, kv, c, dtype)
+    return q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+
 def _check(impl, dtype, b, t, s, h, kv, c, lengths, **opts):
-    q, k, v, _ = util.inputs(len(lengths) * 7 + t, b, t, s, h, kv, c, dtype)
+    q, k, v = _cache_inputs(len(lengths) * 7 + t, b, t, s, h, kv, c, dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
     out = kernels.decode_attention(
         q,
@@ -58,7 +64,9 @@ def test_decode_reference_matches_flash_on_full_cache():
     q, k, v, _ = util.inputs(11, b, t, s, h, kv, c, F32)
     full = jnp.full((b,), s, jnp.int32)
     for window in (None, 6):
-        dec = kernels.decode_reference(q, k, v, full, sliding_window=window)
+        dec = kernels.decode_reference(
+            q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), full, sliding_window=window
+        )
         fl = kernels.attention_reference(q, k, v, causal=True, sliding_window=window)
         util.assert_close(dec, fl, F32, "decode vs flash reference")
 
@@ -66,13 +74,13 @@ def test_decode_reference_matches_flash_on_full_cache():
 def test_decode_ignores_slots_past_length():
     """Garbage beyond ``lengths`` must not leak into the result."""
     b, t, s, h, kv, c = 2, 1, 64, 4, 1, 64
-    q, k, v, _ = util.inputs(12, b, t, s, h, kv, c, F32)
+    q, k, v = _cache_inputs(12, b, t, s, h, kv, c, F32)
     lengths = jnp.asarray([10, 33], jnp.int32)
     out = kernels.decode_attention(
         q, k, v, lengths, implementation="pallas_triton", interpret=True, block_k=16
     )
-    k2 = k.at[:, 40:].set(1e4)
-    v2 = v.at[:, 40:].set(jnp.nan)
+    k2 = k.at[:, :, 40:].set(1e4)
+    v2 = v.at[:, :, 40:].set(jnp.nan)
     out2 = kernels.decode_attention(
         q, k2, v2, lengths, implementation="pallas_triton", interpret=True, block_k=16
     )

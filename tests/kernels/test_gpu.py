@@ -38,6 +38,7 @@ def test_flash_gpu(case, dtype):
 def test_decode_gpu(dtype, window):
     b, t, s, h, kv, c = 4, 2, 2048, 32, 8, 128
     q, k, v, _ = util.inputs(2, b, t, s, h, kv, c, dtype)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # heads-major caches
     lengths = jnp.array([2, 700, 2048, 1500], jnp.int32)
     out = kernels.decode_attention(
         q, k, v, lengths, sliding_window=window, implementation="pallas_triton"

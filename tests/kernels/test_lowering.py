@@ -99,7 +99,7 @@ def test_gpu_lowering_rejects_bad_tiles():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_decode_lowers(dtype, c):
     q = jnp.zeros((4, 2, 32, c), dtype)
-    cache = jnp.zeros((4, 4096, 8, c), dtype)
+    cache = jnp.zeros((4, 8, 4096, c), dtype)
     lengths = jnp.full((4,), 100, jnp.int32)
     for impl, platform in (("pallas_mosaic_tpu", "tpu"), ("pallas_triton", "cuda")):
         f = lambda q, k, v, n, impl=impl: kernels.decode_attention(
