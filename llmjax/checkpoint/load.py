@@ -28,22 +28,18 @@ def load_run(path: str | Path) -> LoadedRun:
     """
     import llmjax
     from llmjax.data import DataError, Tokenizer
-    from llmjax.train.config import OptimizerConfig, model_config_from_dict
-    from llmjax.train.optim import make_optimizer
-    from llmjax.train.step import init_state
+    from llmjax.train.config import model_config_from_dict
 
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     cfg = meta["config"]
     model = llmjax.build(model_config_from_dict(cfg["model"]))
-    # The saved tree includes the optimizer state; restoring needs its exact structure.
-    tx = make_optimizer(OptimizerConfig(**cfg["optim"]), cfg["loop"]["steps"])
+    # Only the parameters are read; the optimizer state beside them stays on disk.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: init_state(model, tx, 0)),
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), model.abstract_params()
     )
-    state, _ = restore(step_dir, abstract)
+    state, _ = restore(step_dir, {"params": abstract}, partial=True)
     run_dir = step_dir.parent.parent
     candidates = [Path(cfg["data"]["tokenizer"])] if cfg["data"]["tokenizer"] else []
     candidates += sorted((run_dir / "tokenizer").glob("*.model"))

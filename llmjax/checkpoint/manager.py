@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -111,20 +112,32 @@ def read_meta(step_dir: str | Path) -> dict:
         )["meta"]
 
 
-def restore(step_dir: str | Path, abstract_state) -> tuple[dict, dict]:
-    """``(state, meta)`` of one checkpoint, arrays placed as ``abstract_state``'s shardings say."""
+def restore(step_dir: str | Path, abstract_state, partial: bool = False) -> tuple[dict, dict]:
+    """``(state, meta)`` of one checkpoint, arrays placed as ``abstract_state``'s shardings say.
+
+    With ``partial``, ``abstract_state`` may name a subset of the saved tree (e.g. only
+    ``{"params": ...}``) and only those arrays are read: sampling from an 8B checkpoint then
+    never allocates its two Adam moments.
+    """
     step_dir = Path(step_dir)
     problem = looks_complete(step_dir)
     if problem:
         raise CheckpointError(f"{step_dir} is incomplete: {problem}")
+    if partial:
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_state
+        )
+        state_args = ocp.args.PyTreeRestore(
+            abstract_state, restore_args=restore_args, partial_restore=True
+        )
+    else:
+        state_args = ocp.args.StandardRestore(abstract_state)
     with ocp.CheckpointManager(
         step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
     ) as mgr:
         out = mgr.restore(
             int(step_dir.name),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()),
         )
     return out["state"], out["meta"]
 

@@ -67,6 +67,33 @@ def test_export_matches_the_checkpoint(run_dir, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
 
 
+def test_load_run_restores_only_the_parameters(run_dir):
+    """Sampling and export read the parameters alone; they equal a full restore's bit for bit."""
+    import jax
+
+    from llmjax.checkpoint.manager import resolve_checkpoint, restore
+    from llmjax.train.config import OptimizerConfig
+    from llmjax.train.optim import make_optimizer
+    from llmjax.train.step import init_state
+
+    run = load_run(str(run_dir))
+    cfg = run.meta["config"]
+    tx = make_optimizer(OptimizerConfig(**cfg["optim"]), cfg["loop"]["steps"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        jax.eval_shape(lambda: init_state(run.model, tx, 0)),
+    )
+    full, _ = restore(resolve_checkpoint(run_dir), abstract)
+    assert set(full) == {"step", "params", "opt_state", "rng"}
+    same = jax.tree.map(
+        lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), run.params, full["params"]
+    )
+    assert all(jax.tree.leaves(same))
+    partial, _ = restore(run.step_dir, {"params": abstract["params"]}, partial=True)
+    assert set(partial) == {"params"}
+
+
 def test_plot(run_dir, tmp_path):
     pytest.importorskip("matplotlib")
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "loss.png")]) == 0
