@@ -164,3 +164,40 @@ def q_block_range(spec: MaskSpec, k_first, k_last, bq: int, nq: int):
     hi = jnp.maximum(hi, 0)
     lo = jnp.minimum(lo, hi)
     return lo, hi
+
+
+def segment_block_bounds(q_seg_BT, kv_seg_BS, bq: int, bk: int):
+    """Block ranges that segment ids leave visible, for skipping whole blocks of packed documents.
+
+    Two blocks whose id ranges ``[min, max]`` are disjoint share no id, so no key of one is
+    visible to a query of the other: that holds for any ids, sorted or not. Returns int32
+    ``kv_bounds [B, nq, 2]`` (for query block i, the key blocks ``[lo, hi)`` between the first and
+    last block whose range meets its own) and ``q_bounds [B, nk, 2]`` (the same per key block).
+    With documents packed contiguously the blocks in between meet it too, so the range is exact;
+    otherwise it is a superset and the per-element mask does the rest. An empty range is (0, 0).
+    """
+    b, t = q_seg_BT.shape
+    s = kv_seg_BS.shape[1]
+    q_blocks = q_seg_BT.reshape(b, t // bq, bq)
+    k_blocks = kv_seg_BS.reshape(b, s // bk, bk)
+    q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)
+    k_min, k_max = k_blocks.min(-1), k_blocks.max(-1)
+    meets = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])
+
+    def span(m):
+        n = m.shape[-1]
+        first = jnp.argmax(m, axis=-1)
+        last = n - jnp.argmax(m[..., ::-1], axis=-1)
+        some = m.any(axis=-1)
+        return jnp.stack([jnp.where(some, first, 0), jnp.where(some, last, 0)], -1).astype(
+            jnp.int32
+        )
+
+    return span(meets), span(jnp.swapaxes(meets, 1, 2))
+
+
+def narrow(lo, hi, bounds_ref):
+    """``[lo, hi)`` intersected with the ``(lo, hi)`` pair in a two-element ref; stays ordered."""
+    lo = jnp.maximum(lo, bounds_ref[0])
+    hi = jnp.maximum(jnp.minimum(hi, bounds_ref[1]), lo)
+    return lo, hi

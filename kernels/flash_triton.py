@@ -5,7 +5,9 @@ dQ kernels own ``bq`` query rows of one head and stream key blocks; the dK/dV ke
 keys of one kv head and streams the query blocks of all G query heads that share it, so GQA never
 materialises repeated K/V and dK/dV need no atomics. The loop bounds come from
 ``kv_block_range``/``q_block_range``: blocks that causality or the window hide are never visited,
-and interior blocks run without mask arithmetic.
+and interior blocks run without mask arithmetic. With segment ids the bounds are narrowed further
+to the blocks whose ids can match (``common.segment_block_bounds``), so packed documents skip
+each other's blocks.
 
 Inputs arrive padded (T and S multiples of the blocks) in the caller's ``[B, T, H, C]`` layout;
 row statistics are ``[B, H, T, 1]`` and segment ids ``[B, T, 1]`` / ``[B, 1, S]``. The same code
@@ -40,25 +42,44 @@ def _col_positions(k0, n):
 
 
 def _split_refs(refs, segments, n_in):
-    ins, outs = list(refs[:n_in]), refs[n_in:]
-    seg = (ins.pop(), ins.pop())[::-1] if segments else (None, None)
-    return ins, seg, outs
+    """(inputs, (q_seg, kv_seg, block bounds) refs or Nones, outputs)."""
+    n = n_in + (3 if segments else 0)
+    ins, outs = list(refs[:n]), refs[n:]
+    seg = tuple(ins[n_in:]) if segments else (None, None, None)
+    return ins[:n_in], seg, outs
+
+
+def _segment_args(spec, q_seg, kv_seg, bq, bk, for_keys=False):
+    """Segment ids and the block bounds they allow (``common.segment_block_bounds``)."""
+    if not spec.segments:
+        return []
+    kv_bounds, q_bounds = common.segment_block_bounds(q_seg[:, :, 0], kv_seg[:, 0, :], bq, bk)
+    return [q_seg, kv_seg, q_bounds if for_keys else kv_bounds]
+
+
+def _kv_range(spec, i, bq, bk, nk, bounds_ref):
+    """``common.kv_block_range`` of query block i, narrowed to its documents' key blocks."""
+    lo, full_lo, full_hi, hi = common.kv_block_range(
+        spec, i * bq + spec.offset, i * bq + bq - 1 + spec.offset, bk, nk
+    )
+    if spec.segments:  # every block is masked then: full_lo == full_hi == hi
+        lo, hi = common.narrow(lo, hi, bounds_ref)
+        full_lo = full_hi = hi
+    return lo, full_lo, full_hi, hi
 
 
 # --- forward ----------------------------------------------------------------------------------
 
 
 def _fwd_kernel(*refs, spec, bq, bk, nk, precision):
-    (q_ref, k_ref, v_ref), (qs_ref, ks_ref), (o_ref, lse_ref) = _split_refs(
-        refs, spec.segments, 5 if spec.segments else 3
+    (q_ref, k_ref, v_ref), (qs_ref, ks_ref, bounds_ref), (o_ref, lse_ref) = _split_refs(
+        refs, spec.segments, 3
     )
     i = pl.program_id(0)
     q = q_ref[...]
     q_pos = _row_positions(spec, i * bq, bq)
     q_seg = qs_ref[...] if spec.segments else None
-    lo, full_lo, full_hi, hi = common.kv_block_range(
-        spec, i * bq + spec.offset, i * bq + bq - 1 + spec.offset, bk, nk
-    )
+    lo, full_lo, full_hi, hi = _kv_range(spec, i, bq, bk, nk, bounds_ref)
 
     def step(masked):
         def body(j, carry):
@@ -99,13 +120,13 @@ def forward(q, k, v, q_seg, kv_seg, *, spec, bq, bk, num_warps, num_stages, inte
         pl.BlockSpec((None, s, None, c), lambda i, bi, hi: (bi, 0, jax.lax.div(hi, g), 0)),
         pl.BlockSpec((None, s, None, c), lambda i, bi, hi: (bi, 0, jax.lax.div(hi, g), 0)),
     ]
-    args = [q, k, v]
+    args = [q, k, v, *_segment_args(spec, q_seg, kv_seg, bq, bk)]
     if spec.segments:
         in_specs += [
             pl.BlockSpec((None, bq, 1), lambda i, bi, hi: (bi, i, 0)),
             pl.BlockSpec((None, 1, s), lambda i, bi, hi: (bi, 0, 0)),
+            pl.BlockSpec((None, None, 2), lambda i, bi, hi: (bi, i, 0)),
         ]
-        args += [q_seg, kv_seg]
     kernel = functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, nk=nk, precision=precision)
     return pl.pallas_call(
         kernel,
@@ -129,18 +150,15 @@ def forward(q, k, v, q_seg, kv_seg, *, spec, bq, bk, num_warps, num_stages, inte
 
 
 def _dq_kernel(*refs, spec, bq, bk, nk, precision):
-    n_in = 7 if spec.segments else 5
-    (q_ref, k_ref, v_ref, do_ref, stats_ref), (qs_ref, ks_ref), (dq_ref,) = _split_refs(
-        refs, spec.segments, n_in
+    (q_ref, k_ref, v_ref, do_ref, stats_ref), (qs_ref, ks_ref, bounds_ref), (dq_ref,) = _split_refs(
+        refs, spec.segments, 5
     )
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
     lse, delta = stats_ref[0], stats_ref[1]
     q_pos = _row_positions(spec, i * bq, bq)
     q_seg = qs_ref[...] if spec.segments else None
-    lo, full_lo, full_hi, hi = common.kv_block_range(
-        spec, i * bq + spec.offset, i * bq + bq - 1 + spec.offset, bk, nk
-    )
+    lo, full_lo, full_hi, hi = _kv_range(spec, i, bq, bk, nk, bounds_ref)
 
     def step(masked):
         def body(j, dq):
@@ -173,9 +191,8 @@ def _dq_kernel(*refs, spec, bq, bk, nk, precision):
 
 
 def _dkv_kernel(*refs, spec, bq, bk, nq, g, precision):
-    n_in = 7 if spec.segments else 5
-    (q_ref, k_ref, v_ref, do_ref, stats_ref), (qs_ref, ks_ref), (dk_ref, dv_ref) = _split_refs(
-        refs, spec.segments, n_in
+    (q_ref, k_ref, v_ref, do_ref, stats_ref), (qs_ref, ks_ref, bounds_ref), (dk_ref, dv_ref) = (
+        _split_refs(refs, spec.segments, 5)
     )
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
@@ -183,6 +200,8 @@ def _dkv_kernel(*refs, spec, bq, bk, nq, g, precision):
     k_pos = _col_positions(k0, bk)
     k_seg = ks_ref[...] if spec.segments else None
     lo, hi = common.q_block_range(spec, k0, k0 + bk - 1, bq, nq)
+    if spec.segments:
+        lo, hi = common.narrow(lo, hi, bounds_ref)
 
     def body(idx, carry):
         dk, dv = carry
@@ -219,7 +238,6 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
     nq, nk = t // bq, s // bk
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     params = _compiler_params(num_warps, num_stages, interpret)
-    seg_args = [q_seg, kv_seg] if spec.segments else []
 
     kv_full = pl.BlockSpec((None, s, None, c), lambda i, bi, hi: (bi, 0, jax.lax.div(hi, g), 0))
     row_spec = pl.BlockSpec((None, bq, None, c), lambda i, bi, hi: (bi, i, hi, 0))
@@ -229,6 +247,7 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
         dq_specs += [
             pl.BlockSpec((None, bq, 1), lambda i, bi, hi: (bi, i, 0)),
             pl.BlockSpec((None, 1, s), lambda i, bi, hi: (bi, 0, 0)),
+            pl.BlockSpec((None, None, 2), lambda i, bi, hi: (bi, i, 0)),
         ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, nk=nk, precision=precision),
@@ -239,7 +258,7 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
         compiler_params=params,
         interpret=interpret,
         name="flash_bwd_dq",
-    )(q, k, v, do, stats, *seg_args)
+    )(q, k, v, do, stats, *_segment_args(spec, q_seg, kv_seg, bq, bk))
 
     # One program per (key block, kv head): the G query heads sharing it are a contiguous slab.
     q_group = pl.BlockSpec((None, t, g, c), lambda j, bi, ki: (bi, 0, ki, 0))
@@ -250,6 +269,7 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
         dkv_specs += [
             pl.BlockSpec((None, t, 1), lambda j, bi, ki: (bi, 0, 0)),
             pl.BlockSpec((None, 1, bk), lambda j, bi, ki: (bi, 0, j)),
+            pl.BlockSpec((None, None, 2), lambda j, bi, ki: (bi, j, 0)),
         ]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, bq=bq, bk=bk, nq=nq, g=g, precision=precision),
@@ -260,5 +280,5 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
         compiler_params=params,
         interpret=interpret,
         name="flash_bwd_dkv",
-    )(q, k, v, do, stats, *seg_args)
+    )(q, k, v, do, stats, *_segment_args(spec, q_seg, kv_seg, bq, bk, for_keys=True))
     return dq, dk, dv

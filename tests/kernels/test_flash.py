@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,6 +54,42 @@ def test_packed_documents(dtype, window):
     seg = util.packed_segments(3, b, t, docs=4)
     q, k, v, do = util.inputs(4, b, t, t, h, kv, c, dtype)
     opts = dict(causal=True, segment_ids=seg, sliding_window=window)
+    util.check_flash(
+        q, k, v, do, opts, implementation="pallas_triton", interpret=True, block_sizes=SMALL
+    )
+
+
+def test_segment_block_bounds():
+    """Block ranges from id ranges: exact for contiguous documents, empty when no id meets."""
+    from kernels.common import segment_block_bounds
+
+    ids = jnp.asarray([[0, 0, 1, 1, 1, 2, 2, 2]], jnp.int32)  # blocks of 2: 0|1|1,2|2
+    kv_bounds, q_bounds = segment_block_bounds(ids, ids, 2, 2)
+    assert kv_bounds[0].tolist() == [[0, 1], [1, 3], [1, 4], [2, 4]]
+    assert q_bounds[0].tolist() == [[0, 1], [1, 3], [1, 4], [2, 4]]
+    q_ids = jnp.asarray([[7, 7, 0, 0]], jnp.int32)  # id 7 has no key
+    kv_bounds, q_bounds = segment_block_bounds(q_ids, ids, 2, 2)
+    assert kv_bounds[0].tolist() == [[0, 0], [0, 1]]
+    assert q_bounds[0].tolist() == [[1, 2], [0, 0], [0, 0], [0, 0]]
+    # Packed documents: the range is exactly the key blocks sharing an id, far fewer than all.
+    seg = np.asarray(util.packed_segments(0, 4, 256, 8))
+    kv_bounds, _ = segment_block_bounds(jnp.asarray(seg), jnp.asarray(seg), 32, 32)
+    blocks = seg.reshape(4, 8, 32)
+    for bi in range(4):
+        for i in range(8):
+            shared = [j for j in range(8) if set(blocks[bi, i]) & set(blocks[bi, j])]
+            assert kv_bounds[bi, i].tolist() == [shared[0], shared[-1] + 1]
+    assert float((kv_bounds[..., 1] - kv_bounds[..., 0]).mean()) < 4.0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_many_documents_skip_blocks(causal):
+    """Short documents with shuffled (unsorted) ids: skipped blocks never hide a visible key."""
+    b, t, h, kv, c = 2, 160, 4, 2, 64
+    seg = util.packed_segments(6, b, t, docs=9)
+    seg = jnp.asarray([5, 2, 8, 0, 7, 1, 4, 3, 6], jnp.int32)[seg]  # ids out of order
+    q, k, v, do = util.inputs(7, b, t, t, h, kv, c, F32)
+    opts = dict(causal=causal, segment_ids=seg)
     util.check_flash(
         q, k, v, do, opts, implementation="pallas_triton", interpret=True, block_sizes=SMALL
     )
