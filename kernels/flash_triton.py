@@ -49,12 +49,18 @@ def _split_refs(refs, segments, n_in):
     return ins[:n_in], seg, outs
 
 
-def _segment_args(spec, q_seg, kv_seg, bq, bk, for_keys=False):
-    """Segment ids and the block bounds they allow (``common.segment_block_bounds``)."""
-    if not spec.segments:
-        return []
-    kv_bounds, q_bounds = common.segment_block_bounds(q_seg[:, :, 0], kv_seg[:, 0, :], bq, bk)
-    return [q_seg, kv_seg, q_bounds if for_keys else kv_bounds]
+def _segment_bounds(q_seg, kv_seg, bq, bk):
+    """``common.segment_block_bounds`` of the kernels' ``[B, T, 1]`` / ``[B, 1, S]`` ids."""
+    return common.segment_block_bounds(q_seg[:, :, 0], kv_seg[:, 0, :], bq, bk)
+
+
+def _query_block_segment_specs(bq, s):
+    """Ids and key-block bounds for programs that own query block i (forward and dQ)."""
+    return [
+        pl.BlockSpec((None, bq, 1), lambda i, bi, hi: (bi, i, 0)),
+        pl.BlockSpec((None, 1, s), lambda i, bi, hi: (bi, 0, 0)),
+        pl.BlockSpec((None, None, 2), lambda i, bi, hi: (bi, i, 0)),
+    ]
 
 
 def _kv_range(spec, i, bq, bk, nk, bounds_ref):
@@ -120,13 +126,10 @@ def forward(q, k, v, q_seg, kv_seg, *, spec, bq, bk, num_warps, num_stages, inte
         pl.BlockSpec((None, s, None, c), lambda i, bi, hi: (bi, 0, jax.lax.div(hi, g), 0)),
         pl.BlockSpec((None, s, None, c), lambda i, bi, hi: (bi, 0, jax.lax.div(hi, g), 0)),
     ]
-    args = [q, k, v, *_segment_args(spec, q_seg, kv_seg, bq, bk)]
+    args = [q, k, v]
     if spec.segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, 1), lambda i, bi, hi: (bi, i, 0)),
-            pl.BlockSpec((None, 1, s), lambda i, bi, hi: (bi, 0, 0)),
-            pl.BlockSpec((None, None, 2), lambda i, bi, hi: (bi, i, 0)),
-        ]
+        in_specs += _query_block_segment_specs(bq, s)
+        args += [q_seg, kv_seg, _segment_bounds(q_seg, kv_seg, bq, bk)[0]]
     kernel = functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, nk=nk, precision=precision)
     return pl.pallas_call(
         kernel,
@@ -238,17 +241,17 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
     nq, nk = t // bq, s // bk
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     params = _compiler_params(num_warps, num_stages, interpret)
+    dq_seg_args = dkv_seg_args = []
+    if spec.segments:
+        kv_bounds, q_bounds = _segment_bounds(q_seg, kv_seg, bq, bk)
+        dq_seg_args, dkv_seg_args = [q_seg, kv_seg, kv_bounds], [q_seg, kv_seg, q_bounds]
 
     kv_full = pl.BlockSpec((None, s, None, c), lambda i, bi, hi: (bi, 0, jax.lax.div(hi, g), 0))
     row_spec = pl.BlockSpec((None, bq, None, c), lambda i, bi, hi: (bi, i, hi, 0))
     dq_specs = [row_spec, kv_full, kv_full, row_spec]
     dq_specs.append(pl.BlockSpec((None, None, 2, bq, 1), lambda i, bi, hi: (bi, hi, 0, i, 0)))
     if spec.segments:
-        dq_specs += [
-            pl.BlockSpec((None, bq, 1), lambda i, bi, hi: (bi, i, 0)),
-            pl.BlockSpec((None, 1, s), lambda i, bi, hi: (bi, 0, 0)),
-            pl.BlockSpec((None, None, 2), lambda i, bi, hi: (bi, i, 0)),
-        ]
+        dq_specs += _query_block_segment_specs(bq, s)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, nk=nk, precision=precision),
         grid=(nq, b, h),
@@ -258,7 +261,7 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
         compiler_params=params,
         interpret=interpret,
         name="flash_bwd_dq",
-    )(q, k, v, do, stats, *_segment_args(spec, q_seg, kv_seg, bq, bk))
+    )(q, k, v, do, stats, *dq_seg_args)
 
     # One program per (key block, kv head): the G query heads sharing it are a contiguous slab.
     q_group = pl.BlockSpec((None, t, g, c), lambda j, bi, ki: (bi, 0, ki, 0))
@@ -280,5 +283,5 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
         compiler_params=params,
         interpret=interpret,
         name="flash_bwd_dkv",
-    )(q, k, v, do, stats, *_segment_args(spec, q_seg, kv_seg, bq, bk, for_keys=True))
+    )(q, k, v, do, stats, *dkv_seg_args)
     return dq, dk, dv
