@@ -8,13 +8,15 @@ implementations against each other on the same inputs (max relative error vs the
     python bench/attention.py --seq 1024,4096 --head-dims 128 --causal 1 --mode fwd,fwdbwd
     python bench/attention.py --model            # 32 query / 8 kv heads, head dim 128
     python bench/attention.py --segments         # packed documents vs cuDNN with an explicit mask
-    python bench/attention.py --tune 128         # sweep block sizes for one head dim
+    python bench/attention.py --tune 128         # sweep Triton block sizes for one head dim
+    python bench/attention.py --tune-mosaic 128  # sweep the Mosaic GPU key block and stages
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import statistics
 import sys
@@ -60,14 +62,18 @@ def peak_bytes(jitted, *args):
     return m.temp_size_in_bytes + m.output_size_in_bytes + m.argument_size_in_bytes
 
 
+# Benchmark names of llmjax's implementations; "pallas" is what implementation=None picks.
+PALLAS = {"pallas": None, "triton": "pallas_triton", "mosaic": "pallas_mosaic_gpu"}
+
+
 def attention_fn(impl, causal, segments, blocks, window=None):
     """A function (q, k, v, seg) -> out for one implementation."""
-    if impl == "pallas":
+    if impl in PALLAS:
 
         def f(q, k, v, seg):
             return kernels.flash_attention(
                 q, k, v, causal=causal, segment_ids=seg, sliding_window=window,
-                implementation="pallas_triton", block_sizes=blocks,
+                implementation=PALLAS[impl], block_sizes=blocks,
             )  # fmt: skip
 
         return f
@@ -172,7 +178,7 @@ def tune(args, c, peak):
     t, h = 4096, 2048 // c
     b = max(1, args.tokens // t)
     base = default_block_sizes("pallas_triton", c)
-    args = dataclasses.replace(args, impls=["pallas"])
+    args = dataclasses.replace(args, impls=["triton"])
     for bq, bk, w, st in cands_fwd:
         blocks = dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=st)
         print(f"# tune fwd d{c} bq={bq} bk={bk} warps={w} stages={st}")
@@ -200,19 +206,36 @@ class Args:
     xla_max_bytes: float
 
 
+def tune_mosaic(c, peak):
+    """Sweep the Mosaic GPU forward's key block and pipeline depth at T = 16384, causal and not."""
+    from kernels import common, flash_mgpu
+
+    t, h = 16384, 2048 // c
+    q, k, v, _ = make_inputs(1, t, h, h, c)
+    for causal, bk, stages in itertools.product((True, False), (64, 128, 256), (2, 3)):
+        spec = common.MaskSpec(causal, None, 0, t, False, None, c**-0.5)
+        f = jax.jit(functools.partial(flash_mgpu.forward, spec=spec, bk=bk, stages=stages))
+        try:
+            tf = flops(1, t, t, h, c, causal, "fwd") / timeit(f, q, k, v) / 1e12
+            print(f"# mosaic d{c} causal={causal} bk={bk} stages={stages}: {tf:.1f} TFLOP/s")
+        except Exception as e:  # shared memory exhausted, register spills refused, ...
+            print(f"# mosaic d{c} causal={causal} bk={bk} stages={stages}: {type(e).__name__}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seq", default="512,1024,2048,4096,8192,16384,32768")
     p.add_argument("--head-dims", default="64,128,256")
     p.add_argument("--causal", default="1,0", help="1 causal, 0 full; comma list")
     p.add_argument("--mode", default="fwd,fwdbwd")
-    p.add_argument("--impls", default="pallas,cudnn,xla")
+    p.add_argument("--impls", default="mosaic,triton,cudnn,xla", help="also: pallas (auto)")
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seq (>= 1)")
     p.add_argument("--xla-max-gib", type=float, default=8.0, help="skip XLA when logits exceed")
     p.add_argument("--model", action="store_true", help="32 query / 8 kv heads, head dim 128")
     p.add_argument("--segments", action="store_true", help="packed documents vs explicit mask")
     p.add_argument("--sweep", action="store_true", help="run the seq x head-dim x causal sweep")
     p.add_argument("--tune", default="", help="comma list of head dims to tune block sizes for")
+    p.add_argument("--tune-mosaic", default="", help="head dims to tune the Mosaic GPU forward for")
     ns = p.parse_args(argv)
     args = Args(
         seqs=[int(x) for x in ns.seq.split(",")],
@@ -229,7 +252,9 @@ def main(argv=None):
     for c in [int(x) for x in ns.tune.split(",") if x]:
         print(HEADER)
         tune(args, c, peak)
-    if ns.sweep or not (ns.model or ns.segments or ns.tune):
+    for c in [int(x) for x in ns.tune_mosaic.split(",") if x]:
+        tune_mosaic(c, peak)
+    if ns.sweep or not (ns.model or ns.segments or ns.tune or ns.tune_mosaic):
         print(HEADER)
         for c, t, causal in itertools.product(args.head_dims, args.seqs, args.causals):
             run_config(args, max(1, args.tokens // t), t, 2048 // c, 2048 // c, c, causal, peak)

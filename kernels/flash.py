@@ -13,7 +13,7 @@ from kernels import common, flash_triton, reference
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("xla", "pallas_triton", "pallas_mosaic_tpu")
+IMPLEMENTATIONS = ("xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,17 @@ def _unsupported(implementation, head_dim, dtype):
         return f"head_dim {head_dim} (Triton tiles need a power of two in [16, 256])"
     if implementation == "pallas_mosaic_tpu" and not (head_dim == 64 or head_dim % 128 == 0):
         return f"head_dim {head_dim} (TPU tiles need 64 or a multiple of 128)"
+    if implementation == "pallas_mosaic_gpu":
+        from kernels import flash_mgpu
+
+        return flash_mgpu.supported(head_dim, dtype, segments=False)
     return None
+
+
+def _is_hopper():
+    """The Mosaic GPU forward uses wgmma, which exists on compute capability 9.0 only."""
+    device = jax.devices()[0]
+    return getattr(device, "compute_capability", None) == "9.0"
 
 
 def choose_implementation(implementation, interpret, head_dim, dtype, op="flash_attention"):
@@ -130,6 +140,7 @@ def _padded(plan, q, k, v, q_seg, kv_seg):
 
 
 def _kernels(plan):
+    """The forward/backward kernel module; the Mosaic GPU forward pairs with Triton's backward."""
     if plan.implementation == "pallas_mosaic_tpu":
         from kernels import flash_tpu
 
@@ -137,7 +148,20 @@ def _kernels(plan):
     return flash_triton
 
 
+def _forward_mgpu(plan, q, k, v):
+    from kernels import flash_mgpu
+
+    t, s = q.shape[1], k.shape[1]
+    rows = flash_mgpu.COMPUTE_WGS * flash_mgpu.ROWS
+    s_pad = _round_up(s, flash_mgpu.block_kv(q.shape[3]))
+    q, k, v = _pad_to(q, 1, _round_up(t, rows)), _pad_to(k, 1, s_pad), _pad_to(v, 1, s_pad)
+    out, lse = flash_mgpu.forward(q, k, v, spec=plan.spec)
+    return out[:, :t], lse[:, :, :t]
+
+
 def _forward(plan, q, k, v, q_seg, kv_seg):
+    if plan.implementation == "pallas_mosaic_gpu":
+        return _forward_mgpu(plan, q, k, v)
     t = q.shape[1]
     qp, kp, vp, qs, ks = _padded(plan, q, k, v, q_seg, kv_seg)
     b = plan.blocks
@@ -217,7 +241,9 @@ def flash_attention(
       logit_soft_cap: c, logits become ``c * tanh(logits / c)`` after scaling.
       scale: logit scale, default ``C ** -0.5``.
       block_sizes: ``BlockSizes``; defaults depend on the implementation and head dim.
-      implementation: None or "pallas" (by platform), "xla", "pallas_triton", "pallas_mosaic_tpu".
+      implementation: None or "pallas" (by platform), "xla", "pallas_triton",
+        "pallas_mosaic_gpu" (Hopper forward; its backward is the Triton kernels'),
+        "pallas_mosaic_tpu".
       interpret: run the Pallas kernel in interpret mode (CPU).
       return_lse: also return the log-sum-exp ``[B, H, T]`` fp32 (-inf on rows that see no key).
 
@@ -237,6 +263,17 @@ def flash_attention(
     if auto_gpu and sliding_window is not None:  # see docs/kernels.md, "Known limitations"
         log.warning("flash_attention: sliding_window is not validated on GPU; using XLA")
         impl = "xla"
+    mgpu_ok = segment_ids is None and _unsupported("pallas_mosaic_gpu", c, q.dtype) is None
+    if auto_gpu and impl == "pallas_triton" and mgpu_ok and _is_hopper():
+        impl = "pallas_mosaic_gpu"
+    if impl == "pallas_mosaic_gpu":
+        if segment_ids is not None:
+            raise ValueError("pallas_mosaic_gpu has no segment masks; use pallas_triton")
+        if interpret:
+            raise ValueError(
+                "pallas_mosaic_gpu does not run in interpret mode (the jax 0.10 GPU interpreter "
+                "models neither transposed nor register wgmma operands); use pallas_triton"
+            )
     if impl == "xla":
         return reference.attention_reference(
             q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,

@@ -32,6 +32,31 @@ def test_flash_gpu(case, dtype):
     util.check_flash(q, k, v, do, opts, implementation="pallas_triton", interpret=False)
 
 
+MGPU_CASES = [
+    # b, t, s, h, kv, c, opts: block-aligned, ragged T/S (padding), T < S, T > S (empty rows)
+    (2, 1024, 1024, 8, 2, 128, dict(causal=True)),
+    (1, 1000, 1000, 4, 4, 128, dict(causal=False)),
+    (2, 768, 1024, 8, 1, 64, dict(causal=True, sliding_window=200)),
+    (1, 640, 640, 4, 4, 64, dict(causal=False, sliding_window=100)),
+    (1, 512, 512, 4, 1, 256, dict(causal=True, logit_soft_cap=20.0)),
+    (1, 300, 700, 8, 8, 64, dict(causal=False)),
+    (1, 700, 300, 4, 2, 128, dict(causal=True)),
+    (2, 2048, 2048, 8, 8, 256, dict(causal=True)),
+]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("case", MGPU_CASES)
+def test_flash_mgpu_gpu(case, dtype):
+    """The Mosaic GPU (Hopper) forward, with the Triton backward behind its custom VJP."""
+    if jax.devices()[0].compute_capability != "9.0":
+        pytest.skip("the Mosaic GPU kernel needs a Hopper GPU (wgmma)")
+    b, t, s, h, kv, c, opts = case
+    q, k, v, do = util.inputs(3, b, t, s, h, kv, c, dtype)
+    util.check_flash(q, k, v, do, opts, implementation="pallas_mosaic_gpu", interpret=False)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("window", [None, 100])

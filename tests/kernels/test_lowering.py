@@ -1,9 +1,11 @@
-"""Cross-lowering for TPU (Mosaic) and GPU (Triton) on a CPU-only jaxlib.
+"""Cross-lowering for TPU (Mosaic) and GPU (Triton, Mosaic GPU) on a CPU-only jaxlib.
 
 Lowering runs the backend's Pallas lowering in Python, which is where bad block shapes,
 non-power-of-two Triton tiles and unsupported ops fail. For Triton we also run the MLIR verifier
 on each kernel module, which catches ill-typed ops that otherwise only fail when the GPU plugin
 parses the module. Mosaic's own compiler passes (layouts, VMEM limits) run only on a TPU host.
+Mosaic GPU lowers all the way to its LLVM/NVVM module here, shared-memory budget included; only
+PTX compilation needs the GPU.
 """
 
 from __future__ import annotations
@@ -108,3 +110,52 @@ def test_decode_lowers(dtype, c):
         with verified_triton_modules() as modules:
             jax.jit(f).trace(q, cache, cache, lengths).lower(lowering_platforms=(platform,))
         assert len(modules) == (1 if platform == "cuda" else 0)
+
+
+MGPU_OPTION_SETS = {k: v for k, v in OPTION_SETS.items() if k != "segments"}
+
+
+@pytest.mark.parametrize("c", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("opts", list(MGPU_OPTION_SETS), ids=str)
+def test_mosaic_gpu_flash_lowers(opts, dtype, c):
+    """The Hopper forward (one Mosaic GPU kernel) and its Triton backward (dQ, dK/dV), with T and
+    S that are not multiples of the blocks and GQA."""
+    with verified_triton_modules() as modules:
+        lowered = (
+            jax.jit(_train_step("pallas_mosaic_gpu", MGPU_OPTION_SETS[opts]))
+            .trace(*_args(dtype, c, t=1000, s=1100))
+            .lower(lowering_platforms=("cuda",))
+        )
+    assert lowered.as_text().count("mosaic_gpu") >= 1
+    assert len(modules) == 2
+
+
+def test_mosaic_gpu_lowering_checks_shared_memory():
+    """The check above has teeth: K/V stages that overflow shared memory fail to lower."""
+    from kernels import common, flash_mgpu
+
+    spec = common.MaskSpec(True, None, 0, 1024, False, None, 0.0625)
+    q = jnp.zeros((1, 1024, 4, 256), jnp.bfloat16)
+    f = lambda q, k, v: flash_mgpu.forward(q, k, v, spec=spec, bk=128, stages=2)
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.jit(f).trace(q, q, q).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(segment_ids=jnp.zeros((2, 256), jnp.int32)), "segment"),
+        (dict(interpret=True), "interpret"),
+    ],
+)
+def test_mosaic_gpu_rejects_what_it_cannot_run(kw, match):
+    q = jnp.zeros((2, 256, 4, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        kernels.flash_attention(q, q, q, implementation="pallas_mosaic_gpu", **kw)
+
+
+def test_mosaic_gpu_rejects_fp32():
+    q = jnp.zeros((2, 256, 4, 128), jnp.float32)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        kernels.flash_attention(q, q, q, implementation="pallas_mosaic_gpu")

@@ -16,6 +16,7 @@ import kernels
 TOLERANCE = {
     jnp.dtype(jnp.float32): 100 * float(jnp.finfo(jnp.float32).eps),
     jnp.dtype(jnp.bfloat16): 2 * float(jnp.finfo(jnp.bfloat16).eps),
+    jnp.dtype(jnp.float16): 2 * float(jnp.finfo(jnp.float16).eps),
 }
 
 

@@ -1,0 +1,266 @@
+"""Flash attention forward for Hopper GPUs in Pallas Mosaic GPU: TMA-fed and warp-specialised.
+
+One program owns ``2 * ROWS`` query rows of one head and runs three warpgroups. A producer
+warpgroup streams the program's key/value blocks into a ring of shared-memory stages with the
+bulk tensor copy engine (TMA), completing on per-stage barriers. Two compute warpgroups own
+``ROWS`` rows each and run the online softmax over those blocks with warpgroup MMAs (wgmma):
+``S = Q K^T`` from shared memory into registers, ``O += P V`` with P from registers. Each stage
+is released back to the producer through a "consumed" barrier that both compute warpgroups
+arrive at.
+
+The two compute warpgroups take turns on the tensor cores: a shared schedule barrier, passed
+twice per key block by each of them, and offset by one pass at the start, lets one warpgroup's
+softmax (exp, max, sums on the ALUs) overlap the other's matmuls. That overlap is most of what
+separates this kernel from the Triton-lowered one.
+
+Masking follows ``common`` exactly. The two warpgroups see different key ranges (causality, the
+window), so the producer loads the union and each warpgroup passes over the blocks outside its own
+range without computing, keeping both the barrier phases and the schedule-barrier turns in step.
+Inside its range a warpgroup runs interior blocks without mask arithmetic.
+
+Supported: bf16/fp16, head dims 64, 128 and 256, causal, sliding window, soft cap, GQA, T != S.
+Not supported here (``flash.py`` uses the Triton kernel instead): segment ids, fp32.
+Inputs arrive padded (T to ``2 * ROWS``, S to the key block) in ``[B, T, H, C]``; lse comes back
+as ``[B, H, T]`` fp32 in natural log.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import common
+
+ROWS = 64  # query rows per compute warpgroup: the wgmma M tile
+COMPUTE_WGS = 2
+LOG2E = math.log2(math.e)
+# Masked logits in the exp2 domain; finite so that a row with nothing visible yet never
+# computes inf - inf (its probabilities are zeroed explicitly instead).
+MASK = -1e30
+
+
+def block_kv(head_dim: int) -> int:
+    """Keys per stage, measured on H100 (``bench/attention.py --tune-mosaic``); two stages of K
+    and V plus Q must fit in 227 KiB of shared memory, which caps head dim 256 at 64 keys."""
+    return {64: 256, 128: 128}.get(head_dim, 64)
+
+
+def supported(head_dim: int, dtype, segments: bool) -> str | None:
+    """Why this kernel cannot run these inputs, or None."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype)} (the Mosaic GPU kernel is bf16/fp16 only)"
+    if head_dim not in (64, 128, 256):
+        return f"head_dim {head_dim} (the Mosaic GPU kernel supports 64, 128, 256)"
+    if segments:
+        return "segment_ids (the Mosaic GPU kernel has no segment masks)"
+    return None
+
+
+def _transposed(ref):
+    # jax >= 0.11 transposes refs with a method; earlier releases with ``plgpu.transpose_ref``.
+    if jax.__version_info__ >= (0, 11):
+        return ref.transpose((1, 0))
+    return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _wg_range(spec, r0, bk, nk):
+    """``common.kv_block_range`` for the warpgroup's rows [r0, r0 + ROWS)."""
+    return common.kv_block_range(spec, r0 + spec.offset, r0 + ROWS - 1 + spec.offset, bk, nk)
+
+
+def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages, groups, nq):
+    smem, ready, consumed, turn = scoped
+    q_smem2, k_smem, v_smem, lse_smem2 = smem
+    k_ready, v_ready, q_ready = ready
+    k_consumed, v_consumed = consumed
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+    tile = lax.axis_index("q")
+    if spec.causal:  # the heaviest tiles first, so the grid's tail is short ones
+        tile = nq - 1 - tile
+    t0 = tile * (COMPUTE_WGS * ROWS)
+    # The program's key blocks: the union of both warpgroups' ranges.
+    lo_p = _wg_range(spec, t0, bk, nk)[0]
+    hi_p = _wg_range(spec, t0 + ROWS, bk, nk)[3]
+    hi_p = jnp.maximum(hi_p, _wg_range(spec, t0, bk, nk)[3])
+    lo_p = jnp.minimum(lo_p, hi_p)
+
+    def slot_of(j):
+        return lax.rem(j - lo_p, stages)
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232 if spec.soft_cap is None else 240, action="increase")
+        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+        r0 = t0 + wg * ROWS
+        lo, full_lo, full_hi, hi = _wg_range(spec, r0, bk, nk)
+        lo, hi = jnp.maximum(lo, lo_p), jnp.maximum(jnp.minimum(hi, hi_p), lo_p)
+        lo = jnp.minimum(lo, hi)
+        full_lo = jnp.clip(full_lo, lo, hi)
+        full_hi = jnp.clip(full_hi, full_lo, hi)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS), h], q_smem, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        m = plgpu.layout_cast(jnp.full((ROWS,), MASK, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), row_layout)
+        acc = jnp.full((ROWS, q_smem.shape[-1]), 0.0, jnp.float32)
+        acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
+        pl.when(wg == 1)(take_turn)  # the offset that makes the two warpgroups alternate
+
+        def step(j, carry, masked):
+            m, l, acc = carry
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, _transposed(k_smem.at[slot]))
+                take_turn()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if spec.soft_cap is None:
+                s = s * (spec.scale * LOG2E)
+            else:
+                s = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
+            if masked:
+                rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+                cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+                ok = common.visible(spec, rows + (r0 + spec.offset), cols + j * bk)
+                s = jnp.where(ok, s, MASK)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            if masked:  # a row with nothing visible yet has m_new == MASK and p == 1
+                p = jnp.where(ok, p, 0.0)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p = p.astype(q_smem.dtype)
+            acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
+            plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may issue its MMAs
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)  # the tensor cores are ours again
+            acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem.at[slot]))(
+                plgpu.ACC.init(acc)
+            )
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return m_new, l, acc
+
+        def pass_over(j, carry):
+            # A block of the program's range that this warpgroup's rows cannot see: keep the
+            # barrier phases and the turn-taking in step with the other warpgroup.
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            take_turn()
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            take_turn()
+            return carry
+
+        masked_step = functools.partial(step, masked=True)
+        carry = (m, l, acc)
+        lax.fori_loop(lo_p, lo, pass_over, None)
+        carry = lax.fori_loop(lo, full_lo, masked_step, carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(full_hi, hi, masked_step, carry)
+        lax.fori_loop(hi, hi_p, pass_over, None)
+        m, l, acc = carry
+        pl.when(wg == 0)(take_turn)  # balances the offset taken by warpgroup 1
+
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+        q_smem[...] = acc.astype(q_smem.dtype)
+        lse_smem[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * (1.0 / LOG2E))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(r0, ROWS), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(r0, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(h, jnp.int32(groups))
+
+        @pl.loop(lo_p, hi_p)
+        def _load(j):
+            slot = slot_of(j)
+            rows = (b, pl.ds(j * bk, bk), kv_head)
+
+            @pl.when(j - lo_p >= stages)
+            def _():
+                plgpu.barrier_wait(k_consumed.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(j - lo_p >= stages)
+            def _():
+                plgpu.barrier_wait(v_consumed.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "bk", "stages"))
+def forward(q, k, v, *, spec: common.MaskSpec, bk: int | None = None, stages: int = 2):
+    """``[B, T, H, C]`` x ``[B, S, K, C]`` -> (out ``[B, T, H, C]``, lse ``[B, H, T]`` fp32).
+
+    ``bk`` keys per stage (default ``block_kv(C)``), ``stages`` deep K/V ring.
+    """
+    b, t, h, c = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    bk = bk or block_kv(c)
+    if t % (COMPUTE_WGS * ROWS) or s % bk:
+        raise ValueError(f"pad T to {COMPUTE_WGS * ROWS} and S to {bk} (got T={t}, S={s})")
+    nq, nk = t // (COMPUTE_WGS * ROWS), s // bk
+    swizzle = min(128, c * q.dtype.itemsize)
+    transforms = (
+        plgpu.TilingTransform((8, swizzle // q.dtype.itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+    kernel = functools.partial(
+        _kernel, spec=spec, bk=bk, nk=nk, stages=stages, groups=h // kv, nq=nq
+    )
+
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+        pl.run_scoped(
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+            (
+                plgpu.SMEM((COMPUTE_WGS, ROWS, c), q.dtype, transforms=transforms),
+                plgpu.SMEM((stages, bk, c), k.dtype, transforms=transforms),
+                plgpu.SMEM((stages, bk, c), v.dtype, transforms=transforms),
+                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+            ),
+            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+            collective_axes="wg",
+        )
+
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((b, h, t), jnp.float32),
+    )
+    return plgpu.kernel(
+        entry,
+        out_type=out_types,
+        grid=(h, nq, b),
+        grid_names=("h", "q", "b"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v)
