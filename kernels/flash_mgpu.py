@@ -39,6 +39,11 @@ from kernels import common
 
 ROWS = 64  # query rows per compute warpgroup: the wgmma M tile
 COMPUTE_WGS = 2
+# Registers per thread after the warpgroups rebalance (setmaxnreg). The producer gives back what
+# the compute warpgroups take; the total must fit the 64K-register file of one program's three
+# warpgroups, or ``setmaxnreg.inc`` waits forever for registers that never come.
+COMPUTE_REGS, PRODUCER_REGS = 232, 40
+assert (COMPUTE_WGS * COMPUTE_REGS + PRODUCER_REGS) * 128 <= 65536
 LOG2E = math.log2(math.e)
 # Masked logits in the exp2 domain; finite so that a row with nothing visible yet never
 # computes inf - inf (its probabilities are zeroed explicitly instead).
@@ -99,7 +104,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
-        plgpu.set_max_registers(232 if spec.soft_cap is None else 240, action="increase")
+        plgpu.set_max_registers(COMPUTE_REGS, action="increase")
         q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
         r0 = t0 + wg * ROWS
         lo, full_lo, full_hi, hi = _wg_range(spec, r0, bk, nk)
@@ -190,7 +195,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
 
     @pl.when(wg == COMPUTE_WGS)
     def _produce():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
         kv_head = lax.div(h, jnp.int32(groups))
 
         @pl.loop(lo_p, hi_p)
