@@ -68,7 +68,7 @@ def _unsupported(implementation, head_dim, dtype):
     if implementation == "pallas_mosaic_gpu":
         from kernels import flash_mgpu
 
-        return flash_mgpu.supported(head_dim, dtype, segments=False)
+        return flash_mgpu.supported(head_dim, dtype)
     return None
 
 
@@ -263,10 +263,14 @@ def flash_attention(
     if auto_gpu and sliding_window is not None:  # see docs/kernels.md, "Known limitations"
         log.warning("flash_attention: sliding_window is not validated on GPU; using XLA")
         impl = "xla"
-    mgpu_ok = segment_ids is None and _unsupported("pallas_mosaic_gpu", c, q.dtype) is None
-    # Soft cap: the register budget fix is not yet confirmed on a GPU (docs/kernels.md).
-    mgpu_ok = mgpu_ok and logit_soft_cap is None
-    if auto_gpu and impl == "pallas_triton" and mgpu_ok and _is_hopper():
+    if (
+        auto_gpu
+        and impl == "pallas_triton"
+        and segment_ids is None
+        and logit_soft_cap is None  # register budget fix not yet confirmed on a GPU (docs)
+        and _unsupported("pallas_mosaic_gpu", c, q.dtype) is None
+        and _is_hopper()
+    ):
         impl = "pallas_mosaic_gpu"
     if impl == "pallas_mosaic_gpu":
         if segment_ids is not None:

@@ -56,14 +56,12 @@ def block_kv(head_dim: int) -> int:
     return {64: 256, 128: 128}.get(head_dim, 64)
 
 
-def supported(head_dim: int, dtype, segments: bool) -> str | None:
+def supported(head_dim: int, dtype) -> str | None:
     """Why this kernel cannot run these inputs, or None."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype)} (the Mosaic GPU kernel is bf16/fp16 only)"
     if head_dim not in (64, 128, 256):
         return f"head_dim {head_dim} (the Mosaic GPU kernel supports 64, 128, 256)"
-    if segments:
-        return "segment_ids (the Mosaic GPU kernel has no segment masks)"
     return None
 
 
@@ -90,10 +88,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
         tile = nq - 1 - tile
     t0 = tile * (COMPUTE_WGS * ROWS)
     # The program's key blocks: the union of both warpgroups' ranges.
-    lo_p = _wg_range(spec, t0, bk, nk)[0]
-    hi_p = _wg_range(spec, t0 + ROWS, bk, nk)[3]
-    hi_p = jnp.maximum(hi_p, _wg_range(spec, t0, bk, nk)[3])
-    lo_p = jnp.minimum(lo_p, hi_p)
+    first, last = _wg_range(spec, t0, bk, nk), _wg_range(spec, t0 + ROWS, bk, nk)
+    hi_p = jnp.maximum(first[3], last[3])
+    lo_p = jnp.minimum(first[0], hi_p)
 
     def slot_of(j):
         return lax.rem(j - lo_p, stages)
