@@ -162,8 +162,42 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
     largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(model.abstract_params()))
     llmjax.from_hf(tmp_path)  # first call: imports and jax's caches, not the loader's own memory
     tracemalloc.start()
-    llmjax.from_hf(tmp_path)
-    _, peak = tracemalloc.get_traced_memory()
+    loaded = llmjax.from_hf(tmp_path)
+    held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    del loaded
+    # jax on CPU adopts some host copies as the arrays' own buffers (those 64-byte aligned, which
+    # depends on the allocator's state): memory of the result, not of the loading. What the
+    # loader itself holds at its worst is the peak above what the result keeps.
     assert total > 10 * largest  # the check below means something
-    assert peak < 4 * largest, f"peak {peak} bytes for a {total}-byte checkpoint"
+    assert peak - held < 4 * largest, f"peak {peak} (result holds {held}) for {total} bytes"
+
+
+def test_loaded_params_do_not_alias_the_checkpoint_file(tmp_path):
+    """Overwriting the safetensors file in place (as other writers do) leaves loaded params intact.
+
+    The data section is 64-byte aligned here, the case where jax on CPU would adopt a view of the
+    file's mapping as the array's buffer instead of copying it.
+    """
+    model = llmjax.build("llama3-tiny", d_model=256, n_layers=2, mlp_dim=1024, vocab_size=2048)
+    llmjax.to_hf(model, model.init(jax.random.key(0)), tmp_path)
+    file = tmp_path / "model.safetensors"
+    src = SafetensorsFile(file)
+    tensors = {n: np.array(src.get(n)) for n in src.names()}
+    for pad in range(64):
+        write(
+            file,
+            [(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()],
+            {"p": "x" * pad},
+        )
+        start = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        if start % 64 == 0:
+            break
+    assert start % 64 == 0
+    _, params = llmjax.from_hf(tmp_path)
+    before = [np.array(x) for x in jax.tree.leaves(params)]
+    with open(file, "r+b") as f:  # in place: same inode, so a mapping of it would see the zeros
+        f.seek(start)
+        f.write(bytes(file.stat().st_size - start))
+    after = [np.array(x) for x in jax.tree.leaves(params)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))

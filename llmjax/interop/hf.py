@@ -261,9 +261,16 @@ def from_hf(
                 f"tensor {entry.hf!r} has shape {list(f.shape(entry.hf))}, expected "
                 f"{list(want)} from config.json"
             )
-        arrays = to_llmjax(entry, f.get(entry.hf), [shapes[p] for p in entry.paths])
-        for p, a in zip(entry.paths, arrays, strict=True):
-            flat[p] = jax.device_put(a.astype(pdt, copy=False), flat_shardings.get(p))
+        raw = f.get(entry.hf)
+        for p, a in zip(
+            entry.paths, to_llmjax(entry, raw, [shapes[p] for p in entry.paths]), strict=True
+        ):
+            a = a.astype(pdt, copy=False)
+            if np.may_share_memory(a, raw):
+                # jax on CPU adopts an aligned host buffer instead of copying it; a view of the
+                # file's mapping would tie the params to the file (an in-place rewrite changes them).
+                a = a.copy()
+            flat[p] = jax.device_put(a, flat_shardings.get(p))
     return model, _unflatten(flat)
 
 
