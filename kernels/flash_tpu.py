@@ -5,6 +5,10 @@ query blocks and the G heads of a kv group for dK/dV) is the innermost, sequenti
 grid axis and the running statistics live in VMEM scratch between steps. Blocks that causality or
 the window hide are skipped twice over: ``pl.when`` skips the compute, and the index maps clamp to
 the nearest needed block, so the pipeline sees an unchanged block index and issues no DMA.
+With segment ids the ranges narrow further to the blocks whose ids can match
+(``common.segment_block_bounds``), so packed documents skip each other's blocks. Those bounds are
+scalar-prefetched into SMEM, flat (two int32 per block, so SMEM pads nothing), where both the
+index maps and the kernel bodies read them.
 
 Layout: the wrapper moves heads before the sequence (``[B, H, T, C]``) so that every block's last
 two dims are (rows, head_dim) tiles; statistics are ``[B, H, T, 1]``/``[B, H, 2, T, 1]`` and
@@ -29,8 +33,34 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _ranges(spec, i, bq, bk, nk):
-    return common.kv_block_range(spec, i * bq + spec.offset, i * bq + bq - 1 + spec.offset, bk, nk)
+def _narrow(lo, hi, bounds_ref, at):
+    """``[lo, hi)`` intersected with the pair at ``bounds_ref[at : at + 2]``; stays ordered."""
+    lo = jnp.maximum(lo, bounds_ref[at])
+    return lo, jnp.maximum(jnp.minimum(hi, bounds_ref[at + 1]), lo)
+
+
+def _ranges(spec, bi, i, bq, bk, nq, nk, kv_bounds):
+    """Key blocks of query block ``i`` (``common.kv_block_range``) within its segment bounds."""
+    q_first = i * bq + spec.offset
+    lo, full_lo, full_hi, hi = common.kv_block_range(spec, q_first, q_first + bq - 1, bk, nk)
+    if kv_bounds is not None:  # with segment ids every block is masked: full_lo == full_hi == hi
+        lo, hi = _narrow(lo, hi, kv_bounds, (bi * nq + i) * 2)
+        full_lo = full_hi = hi
+    return lo, full_lo, full_hi, hi
+
+
+def _q_range(spec, bi, j, bq, bk, nq, nk, q_bounds):
+    """Query blocks that may see key block ``j``, within its segment bounds."""
+    lo, hi = common.q_block_range(spec, j * bk, j * bk + bk - 1, bq, nq)
+    if q_bounds is not None:
+        lo, hi = _narrow(lo, hi, q_bounds, (bi * nk + j) * 2)
+    return lo, hi
+
+
+def _segment_bounds(q_seg, kv_seg, bq, bk):
+    """Flat ``kv_bounds [B * nq * 2]`` and ``q_bounds [B * nk * 2]`` for scalar prefetch."""
+    kv_bounds, q_bounds = common.segment_block_bounds(q_seg[:, :, 0], kv_seg[:, 0, :], bq, bk)
+    return kv_bounds.reshape(-1), q_bounds.reshape(-1)
 
 
 def _clamp(x, lo, hi):
@@ -45,12 +75,13 @@ def _mask(spec, i, j, bq, bk, qs_ref, ks_ref):
     return common.visible(spec, q_pos, k_pos)
 
 
-def _when_visible(spec, i, j, bq, bk, nk, fn):
-    """Run ``fn(masked)`` for a (query block i, key block j) pair unless it is fully hidden."""
-    lo, full_lo, full_hi, hi = _ranges(spec, i, bq, bk, nk)
-    full = (j >= full_lo) & (j < full_hi)
+def _when_visible(ranges, j, fn, also=True):
+    """Run ``fn(masked)`` for key block ``j`` of a query block with ``ranges`` unless hidden
+    (or ``also`` is false)."""
+    lo, full_lo, full_hi, hi = ranges
+    full = (j >= full_lo) & (j < full_hi) & also
     pl.when(full)(lambda: fn(False))
-    pl.when((j >= lo) & (j < hi) & jnp.logical_not(full))(lambda: fn(True))
+    pl.when((j >= lo) & (j < hi) & also & jnp.logical_not(full))(lambda: fn(True))
 
 
 def _seg_specs(spec, bq, bk, q_index, k_index):
@@ -59,20 +90,38 @@ def _seg_specs(spec, bq, bk, q_index, k_index):
     return [pl.BlockSpec((None, bq, 1), q_index), pl.BlockSpec((None, 1, bk), k_index)]
 
 
-def _params(n_parallel, n_arbitrary):
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary
+def _call(
+    kernel, *, grid, bounds, in_specs, out_specs, out_shape, scratch, n_parallel, interpret, name
+):
+    """``pallas_call`` of the inputs, with the segment bounds (if any) scalar-prefetched first."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(bounds),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch,
     )
+    dims = ("parallel",) * n_parallel + ("arbitrary",) * (len(grid) - n_parallel)
+    call = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=dims),
+        interpret=interpret,
+        name=name,
+    )
+    return lambda *inputs: call(*bounds, *inputs)
 
 
 # --- forward ----------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, spec, bq, bk, nk):
+def _fwd_kernel(*refs, spec, bq, bk, nq, nk):
+    kv_bounds, refs = (refs[0], refs[1:]) if spec.segments else (None, refs)
     q_ref, k_ref, v_ref, *rest = refs
     qs_ref, ks_ref = (rest.pop(0), rest.pop(0)) if spec.segments else (None, None)
     o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
-    i, j = pl.program_id(2), pl.program_id(3)
+    bi, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
@@ -87,7 +136,7 @@ def _fwd_kernel(*refs, spec, bq, bk, nk):
         m, l, acc = common.online_softmax_step(spec, carry, q, k, v, mask, _precision(q.dtype))
         m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
 
-    _when_visible(spec, i, j, bq, bk, nk, step)
+    _when_visible(_ranges(spec, bi, i, bq, bk, nq, nk, kv_bounds), j, step)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -96,57 +145,67 @@ def _fwd_kernel(*refs, spec, bq, bk, nk):
         lse_ref[...] = lse
 
 
+def _kv_specs(spec, bq, bk, c, g, nq, nk):
+    """K, V (and key-segment) specs for a (B, H, query block, key block) grid: outside the query
+    block's range the index clamps to the nearest needed block, so no DMA is issued."""
+
+    def block(bi, hi, i, j, *bounds):
+        lo, _, _, hi_ = _ranges(spec, bi, i, bq, bk, nq, nk, bounds[0] if bounds else None)
+        return _clamp(j, lo, hi_)
+
+    kv = pl.BlockSpec(
+        (None, None, bk, c),
+        lambda bi, hi, i, j, *r: (bi, jax.lax.div(hi, g), block(bi, hi, i, j, *r), 0),
+    )
+    seg = _seg_specs(
+        spec,
+        bq,
+        bk,
+        lambda bi, hi, i, j, *r: (bi, i, 0),
+        lambda bi, hi, i, j, *r: (bi, 0, block(bi, hi, i, j, *r)),
+    )
+    return kv, seg
+
+
 def forward(q, k, v, q_seg, kv_seg, *, spec, bq, bk, num_warps, num_stages, interpret):
     """Padded ``[B, T, H, C]`` inputs -> (out [B,T,H,C], lse [B,H,T,1] fp32)."""
     del num_warps, num_stages  # GPU-only knobs
     b, t, h, c = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    g = h // kv_heads
     nq, nk = t // bq, s // bk
     q_BHTC, k_BKSC, v_BKSC = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    bounds = [_segment_bounds(q_seg, kv_seg, bq, bk)[0]] if spec.segments else []
 
-    def kv_index(bi, hi, i, j):
-        lo, _, _, hi_ = _ranges(spec, i, bq, bk, nk)
-        return bi, jax.lax.div(hi, g), _clamp(j, lo, hi_), 0
-
-    def kv_seg_index(bi, hi, i, j):
-        lo, _, _, hi_ = _ranges(spec, i, bq, bk, nk)
-        return bi, 0, _clamp(j, lo, hi_)
-
-    row = pl.BlockSpec((None, None, bq, c), lambda bi, hi, i, j: (bi, hi, i, 0))
-    kv = pl.BlockSpec((None, None, bk, c), kv_index)
-    in_specs = [row, kv, kv]
-    in_specs += _seg_specs(spec, bq, bk, lambda bi, hi, i, j: (bi, i, 0), kv_seg_index)
-    args = [q_BHTC, k_BKSC, v_BKSC] + ([q_seg, kv_seg] if spec.segments else [])
-    out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, nk=nk),
+    row = pl.BlockSpec((None, None, bq, c), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    kv, seg = _kv_specs(spec, bq, bk, c, h // kv_heads, nq, nk)
+    lse_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    out, lse = _call(
+        functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk),
         grid=(b, h, nq, nk),
-        in_specs=in_specs,
-        out_specs=[row, pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j: (bi, hi, i, 0))],
+        bounds=bounds,
+        in_specs=[row, kv, kv, *seg],
+        out_specs=[row, lse_spec],
         out_shape=[
             jax.ShapeDtypeStruct(q_BHTC.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, t, 1), _F32),
         ],
-        scratch_shapes=[
-            pltpu.VMEM((bq, 1), _F32),
-            pltpu.VMEM((bq, 1), _F32),
-            pltpu.VMEM((bq, c), _F32),
-        ],
-        compiler_params=_params(3, 1),
+        scratch=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, c), _F32)],
+        n_parallel=3,
         interpret=interpret,
         name="flash_fwd_tpu",
-    )(*args)
+    )(q_BHTC, k_BKSC, v_BKSC, *([q_seg, kv_seg] if spec.segments else []))
     return jnp.swapaxes(out, 1, 2), lse
 
 
 # --- backward ---------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, spec, bq, bk, nk):
+def _dq_kernel(*refs, spec, bq, bk, nq, nk):
+    kv_bounds, refs = (refs[0], refs[1:]) if spec.segments else (None, refs)
     q_ref, k_ref, v_ref, do_ref, stats_ref, *rest = refs
     qs_ref, ks_ref = (rest.pop(0), rest.pop(0)) if spec.segments else (None, None)
     dq_ref, dq_scr = rest
-    i, j = pl.program_id(2), pl.program_id(3)
+    bi, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
@@ -164,18 +223,19 @@ def _dq_kernel(*refs, spec, bq, bk, nk):
             precision=prec,
         )  # fmt: skip
 
-    _when_visible(spec, i, j, bq, bk, nk, step)
+    _when_visible(_ranges(spec, bi, i, bq, bk, nq, nk, kv_bounds), j, step)
 
     @pl.when(j == nk - 1)
     def _finish():
         dq_ref[...] = (dq_scr[...] * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, spec, bq, bk, nk, nq, g):
+def _dkv_kernel(*refs, spec, bq, bk, nq, nk, g):
+    (kv_bounds, q_bounds), refs = (refs[:2], refs[2:]) if spec.segments else ((None,) * 2, refs)
     q_ref, k_ref, v_ref, do_ref, stats_ref, *rest = refs
     qs_ref, ks_ref = (rest.pop(0), rest.pop(0)) if spec.segments else (None, None)
     dk_ref, dv_ref, dk_scr, dv_scr = rest
-    j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    bi, j, gi, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
     @pl.when((gi == 0) & (i == 0))
     def _init():
@@ -195,7 +255,11 @@ def _dkv_kernel(*refs, spec, bq, bk, nk, nq, g):
             ds.astype(q.dtype), q, tn, preferred_element_type=_F32, precision=prec
         )
 
-    _when_visible(spec, i, j, bq, bk, nk, step)
+    # Both ranges are supersets of the visible pairs, so their intersection is too; the query
+    # range is the one the index maps clamp to, so a block outside it was never loaded.
+    q_lo, q_hi = _q_range(spec, bi, j, bq, bk, nq, nk, q_bounds)
+    ranges = _ranges(spec, bi, i, bq, bk, nq, nk, kv_bounds)
+    _when_visible(ranges, j, step, also=(i >= q_lo) & (i < q_hi))
 
     @pl.when((gi == g - 1) & (i == nq - 1))
     def _finish():
@@ -212,61 +276,54 @@ def backward(q, k, v, q_seg, kv_seg, do, stats, *, spec, bq, bk, num_warps, num_
     nq, nk = t // bq, s // bk
     q_BHTC, k_BKSC, v_BKSC, do_BHTC = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
     seg_args = [q_seg, kv_seg] if spec.segments else []
+    kv_bounds, q_bounds = _segment_bounds(q_seg, kv_seg, bq, bk) if spec.segments else (None, None)
 
     # dQ: grid (B, H, query block, key block), keys innermost.
-    def kv_index(bi, hi, i, j):
-        lo, _, _, hi_ = _ranges(spec, i, bq, bk, nk)
-        return bi, jax.lax.div(hi, g), _clamp(j, lo, hi_), 0
-
-    def kv_seg_index(bi, hi, i, j):
-        lo, _, _, hi_ = _ranges(spec, i, bq, bk, nk)
-        return bi, 0, _clamp(j, lo, hi_)
-
-    row = pl.BlockSpec((None, None, bq, c), lambda bi, hi, i, j: (bi, hi, i, 0))
-    kv = pl.BlockSpec((None, None, bk, c), kv_index)
-    st = pl.BlockSpec((None, None, 2, bq, 1), lambda bi, hi, i, j: (bi, hi, 0, i, 0))
-    dq_specs = [row, kv, kv, row, st]
-    dq_specs += _seg_specs(spec, bq, bk, lambda bi, hi, i, j: (bi, i, 0), kv_seg_index)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, nk=nk),
+    row = pl.BlockSpec((None, None, bq, c), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    kv, seg = _kv_specs(spec, bq, bk, c, g, nq, nk)
+    st = pl.BlockSpec((None, None, 2, bq, 1), lambda bi, hi, i, j, *_: (bi, hi, 0, i, 0))
+    dq_bounds = [kv_bounds] if spec.segments else []
+    dq = _call(
+        functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk),
         grid=(b, h, nq, nk),
-        in_specs=dq_specs,
+        bounds=dq_bounds,
+        in_specs=[row, kv, kv, row, st, *seg],
         out_specs=row,
         out_shape=jax.ShapeDtypeStruct(q_BHTC.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, c), _F32)],
-        compiler_params=_params(3, 1),
+        scratch=[pltpu.VMEM((bq, c), _F32)],
+        n_parallel=3,
         interpret=interpret,
         name="flash_bwd_dq_tpu",
     )(q_BHTC, k_BKSC, v_BKSC, do_BHTC, stats, *seg_args)
 
     # dK/dV: grid (B, K, key block, head in group, query block); the last two are reductions.
-    def q_range(j):
-        return common.q_block_range(spec, j * bk, j * bk + bk - 1, bq, nq)
+    def q_block(bi, j, i, bounds):
+        lo, hi = _q_range(spec, bi, j, bq, bk, nq, nk, bounds[1] if bounds else None)
+        return _clamp(i, lo, hi)
 
-    def q_index(bi, ki, j, gi, i):
-        lo, hi_ = q_range(j)
-        return bi, ki * g + gi, _clamp(i, lo, hi_), 0
+    def q_index(bi, ki, j, gi, i, *bounds):
+        return bi, ki * g + gi, q_block(bi, j, i, bounds), 0
 
-    def st_index(bi, ki, j, gi, i):
-        lo, hi_ = q_range(j)
-        return bi, ki * g + gi, 0, _clamp(i, lo, hi_), 0
-
-    def q_seg_index(bi, ki, j, gi, i):
-        lo, hi_ = q_range(j)
-        return bi, _clamp(i, lo, hi_), 0
+    def st_index(bi, ki, j, gi, i, *bounds):
+        return bi, ki * g + gi, 0, q_block(bi, j, i, bounds), 0
 
     qb = pl.BlockSpec((None, None, bq, c), q_index)
-    kb = pl.BlockSpec((None, None, bk, c), lambda bi, ki, j, gi, i: (bi, ki, j, 0))
-    dkv_specs = [qb, kb, kb, qb, pl.BlockSpec((None, None, 2, bq, 1), st_index)]
-    dkv_specs += _seg_specs(spec, bq, bk, q_seg_index, lambda bi, ki, j, gi, i: (bi, 0, j))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec, bq=bq, bk=bk, nk=nk, nq=nq, g=g),
+    kb = pl.BlockSpec((None, None, bk, c), lambda bi, ki, j, gi, i, *_: (bi, ki, j, 0))
+    dkv_seg = _seg_specs(
+        spec, bq, bk,
+        lambda bi, ki, j, gi, i, *r: (bi, q_block(bi, j, i, r), 0),
+        lambda bi, ki, j, gi, i, *_: (bi, 0, j),
+    )  # fmt: skip
+    dkv_bounds = [kv_bounds, q_bounds] if spec.segments else []
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk, g=g),
         grid=(b, kv_heads, nk, g, nq),
-        in_specs=dkv_specs,
+        bounds=dkv_bounds,
+        in_specs=[qb, kb, kb, qb, pl.BlockSpec((None, None, 2, bq, 1), st_index), *dkv_seg],
         out_specs=[kb, kb],
         out_shape=[jax.ShapeDtypeStruct(k_BKSC.shape, k.dtype)] * 2,
-        scratch_shapes=[pltpu.VMEM((bk, c), _F32), pltpu.VMEM((bk, c), _F32)],
-        compiler_params=_params(3, 2),
+        scratch=[pltpu.VMEM((bk, c), _F32), pltpu.VMEM((bk, c), _F32)],
+        n_parallel=3,
         interpret=interpret,
         name="flash_bwd_dkv_tpu",
     )(q_BHTC, k_BKSC, v_BKSC, do_BHTC, stats, *seg_args)

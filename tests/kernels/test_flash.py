@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,6 +96,48 @@ def test_many_documents_skip_blocks(causal):
     )
 
 
+def test_tpu_many_documents_skip_blocks():
+    """The TPU kernels' scalar-prefetched bounds on unsorted ids, with 128-row blocks."""
+    b, t, h, kv, c = 1, 640, 2, 1, 128
+    seg = util.packed_segments(11, b, t, docs=7)
+    seg = jnp.asarray([3, 0, 6, 1, 5, 2, 4], jnp.int32)[seg]
+    q, k, v, do = util.inputs(12, b, t, t, h, kv, c, F32)
+    util.check_flash(
+        q, k, v, do, dict(causal=True, segment_ids=seg), implementation="pallas_mosaic_tpu",
+        interpret=True, block_sizes=TPU_BLOCKS,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("implementation", "block"), [("pallas_triton", 32), ("pallas_mosaic_tpu", 128)]
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_other_documents_blocks_are_never_read(implementation, block, causal):
+    """Keys and values of the second of two block-aligned documents are NaN: the first document's
+    output and gradients stay finite and exact only if no kernel touches the second's blocks (a
+    masked block still multiplies its zero probabilities by the NaN values)."""
+    b, t, h, kv, c = 1, 4 * block, 2, 1, 128
+    seg = jnp.asarray([[0] * (2 * block) + [1] * (2 * block)], jnp.int32)
+    q, k, v, do = util.inputs(13, b, t, t, h, kv, c, F32)
+    poison = jnp.arange(t)[None, :, None, None] >= 2 * block
+    k_nan, v_nan = (jnp.where(poison, jnp.nan, x) for x in (k, v))
+    blocks = kernels.BlockSizes(block, block, block, block)
+    opts = dict(causal=causal, segment_ids=seg)
+
+    def run(impl, k, v, **kw):
+        out, vjp = jax.vjp(
+            lambda q, k, v: kernels.flash_attention(q, k, v, implementation=impl, **opts, **kw),
+            q, k, v,
+        )  # fmt: skip
+        return (out, *vjp(do))
+
+    got = run(implementation, k_nan, v_nan, interpret=True, block_sizes=blocks)
+    want = run("xla", k, v)
+    first = slice(0, 2 * block)
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], got, want, strict=True):
+        util.assert_close(x[:, first], ref[:, first], F32, name)
+
+
 def test_separate_q_and_kv_segments_with_empty_rows():
     """Queries whose segment has no key (and T != S) give 0 output, -inf lse, finite grads."""
     b, t, s, h, kv, c = 1, 20, 40, 4, 2, 64
@@ -114,7 +157,6 @@ def test_separate_q_and_kv_segments_with_empty_rows():
 
 def test_lse_cotangent():
     """A loss on the returned lse is differentiated through the kernel's backward too."""
-    import jax
 
     q, k, v, _ = util.inputs(6, 1, 40, 40, 4, 2, 64, F32)
 
