@@ -136,11 +136,24 @@ def truncate(logits_BV, sp: SamplingParams):
     return jnp.where(z < top + jnp.log(sp.min_p), NEG_INF, z)
 
 
+def argmax(x_BV):
+    """``jnp.argmax`` over the last axis (the first maximum; a NaN counts as the maximum).
+
+    Written as a max and a min over the indices that reach it: XLA:CPU runs the (value, index)
+    pair reduction that ``jnp.argmax`` lowers to 2x (batch 16) to 6x (batch 1) slower than these
+    two plain reductions, and greedy decoding pays it on every step.
+    """
+    top = jnp.max(x_BV, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+    hit = (x_BV == top) | jnp.isnan(x_BV)
+    return jnp.min(jnp.where(hit, index, x_BV.shape[-1]), axis=-1)
+
+
 def distribution(logits_BV, sp: SamplingParams, mode: SamplingMode, seen_BV=None, counts_BV=None):
     """Log-probabilities ``[B, V]`` of the token to draw; greedy gives a one-hot (log 1, log 0)."""
     logits_BV = penalize(logits_BV, sp, mode, seen_BV, counts_BV)
     if mode.greedy:
-        best = jnp.argmax(logits_BV, axis=-1)
+        best = argmax(logits_BV)
         return jnp.where(jax.nn.one_hot(best, logits_BV.shape[-1], dtype=bool), 0.0, NEG_INF)
     return jax.nn.log_softmax(truncate(logits_BV, sp), axis=-1)
 
@@ -148,7 +161,7 @@ def distribution(logits_BV, sp: SamplingParams, mode: SamplingMode, seen_BV=None
 def draw(key, logp_BV, greedy: bool):
     """One id per row from log-probabilities ``[B, V]``; row b uses ``fold_in(key, b)``."""
     if greedy:
-        return jnp.argmax(logp_BV, axis=-1).astype(jnp.int32)
+        return argmax(logp_BV)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logp_BV.shape[0]))
     return jax.vmap(jax.random.categorical)(keys, logp_BV).astype(jnp.int32)
 
@@ -157,5 +170,5 @@ def sample(key, logits_BV, sp: SamplingParams, mode: SamplingMode, seen_BV=None,
     """Token ids ``[B]`` drawn from ``logits_BV`` with the processors above."""
     logits_BV = penalize(logits_BV, sp, mode, seen_BV, counts_BV)
     if mode.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return argmax(logits_BV)
     return draw(key, truncate(logits_BV, sp), greedy=False)

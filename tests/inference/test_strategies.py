@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.inference import SamplingConfig, generate
+from llmjax.inference.processors import argmax
 from llmjax.inference.processors import penalize as _penalize
 from tests.inference.conftest import batch_step_logits
 
@@ -123,3 +124,17 @@ def test_penalties_change_greedy_decoding_as_specified(llama):
         assert out[i] == int(row.argmax())
     huge = generate(model, params, [prompt], max_new_tokens=n, frequency_penalty=1e4).tokens[0]
     assert len(set(huge)) == n  # a huge per-occurrence penalty forbids any repeat
+
+
+def test_argmax_matches_jnp_argmax_on_ties_infinities_and_nan():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, (64, 50)).astype(np.float32)  # many ties: the first maximum wins
+    x[1] = -np.inf
+    x[2, 7] = np.inf
+    x[3, [4, 9]] = np.nan  # jnp.argmax reports the first NaN
+    x[4, :] = np.nan
+    x[5, [0, 49]] = [np.nan, np.inf]
+    got = np.asarray(argmax(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got[1] == 0 and got[2] == 7 and got[3] == 4 and got[4] == 0 and got[5] == 0
