@@ -262,9 +262,8 @@ def from_hf(
                 f"{list(want)} from config.json"
             )
         raw = f.get(entry.hf)
-        for p, a in zip(
-            entry.paths, to_llmjax(entry, raw, [shapes[p] for p in entry.paths]), strict=True
-        ):
+        arrays = to_llmjax(entry, raw, [shapes[p] for p in entry.paths])
+        for p, a in zip(entry.paths, arrays, strict=True):
             a = a.astype(pdt, copy=False)
             if np.may_share_memory(a, raw):
                 # jax on CPU adopts an aligned host buffer instead of copying it; a view of the
