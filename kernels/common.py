@@ -196,8 +196,9 @@ def segment_block_bounds(q_seg_BT, kv_seg_BS, bq: int, bk: int):
     return span(meets), span(jnp.swapaxes(meets, 1, 2))
 
 
-def narrow(lo, hi, bounds_ref):
-    """``[lo, hi)`` intersected with the ``(lo, hi)`` pair in a two-element ref; stays ordered."""
-    lo = jnp.maximum(lo, bounds_ref[0])
-    hi = jnp.maximum(jnp.minimum(hi, bounds_ref[1]), lo)
+def narrow(lo, hi, bounds_ref, at=0):
+    """``[lo, hi)`` intersected with the ``(lo, hi)`` pair at ``bounds_ref[at : at + 2]``; stays
+    ordered."""
+    lo = jnp.maximum(lo, bounds_ref[at])
+    hi = jnp.maximum(jnp.minimum(hi, bounds_ref[at + 1]), lo)
     return lo, hi

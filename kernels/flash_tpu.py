@@ -33,18 +33,12 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _narrow(lo, hi, bounds_ref, at):
-    """``[lo, hi)`` intersected with the pair at ``bounds_ref[at : at + 2]``; stays ordered."""
-    lo = jnp.maximum(lo, bounds_ref[at])
-    return lo, jnp.maximum(jnp.minimum(hi, bounds_ref[at + 1]), lo)
-
-
 def _ranges(spec, bi, i, bq, bk, nq, nk, kv_bounds):
     """Key blocks of query block ``i`` (``common.kv_block_range``) within its segment bounds."""
     q_first = i * bq + spec.offset
     lo, full_lo, full_hi, hi = common.kv_block_range(spec, q_first, q_first + bq - 1, bk, nk)
     if kv_bounds is not None:  # with segment ids every block is masked: full_lo == full_hi == hi
-        lo, hi = _narrow(lo, hi, kv_bounds, (bi * nq + i) * 2)
+        lo, hi = common.narrow(lo, hi, kv_bounds, (bi * nq + i) * 2)
         full_lo = full_hi = hi
     return lo, full_lo, full_hi, hi
 
@@ -53,7 +47,7 @@ def _q_range(spec, bi, j, bq, bk, nq, nk, q_bounds):
     """Query blocks that may see key block ``j``, within its segment bounds."""
     lo, hi = common.q_block_range(spec, j * bk, j * bk + bk - 1, bq, nq)
     if q_bounds is not None:
-        lo, hi = _narrow(lo, hi, q_bounds, (bi * nk + j) * 2)
+        lo, hi = common.narrow(lo, hi, q_bounds, (bi * nk + j) * 2)
     return lo, hi
 
 
