@@ -2,7 +2,9 @@
 
 ``lengths`` is scalar-prefetched into SMEM so that index maps can clamp to the last filled block:
 blocks past a sequence's length repeat the previous block index, which the pipeline turns into no
-DMA at all, and ``pl.when`` skips their compute.
+DMA at all, and ``pl.when`` skips their compute. A paged cache scalar-prefetches its page table
+too: one grid step per page, whose index map turns (sequence, logical page) into a pool page, so
+pages are fetched straight from the pool with no gather.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from kernels.decode import kv_range, zero_past_length
 _F32 = jnp.float32
 
 
-def _kernel(lens_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr, *, spec, t, g, bk, nk):
+def _kernel(lens_ref, *refs, spec, t, g, bk, nk, paged):
+    # A page table, when there is one, is only read by the index maps.
+    q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr = refs[1:] if paged else refs
     b, j = pl.program_id(0), pl.program_id(2)
     length = lens_ref[b]
 
@@ -52,24 +56,43 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, o_ref, m_scr, l_scr, acc_scr, *, spec
         o_ref[...] = out
 
 
-def decode(q_BKRC, k, v, lengths, spec, t, g, bk, interpret):
-    """``q_BKRC`` folded rows, caches ``[B, K, S, C]`` padded to ``bk`` -> fp32 ``[B, K, R, C]``."""
+def decode(q_BKRC, k, v, lengths, page_table, spec, t, g, bk, interpret):
+    """``q_BKRC`` folded rows and caches ``[B, K, S, C]`` padded to ``bk``, or with
+    ``page_table`` ``[B, M]`` pools ``[K, P, bk, C]`` -> fp32 ``[B, K, R, C]``."""
     b, kv_heads, rows, c = q_BKRC.shape
-    nk = k.shape[2] // bk
+    paged = page_table is not None
+    nk = page_table.shape[1] if paged else k.shape[2] // bk
 
-    def kv_index(bi, ki, j, lens):
+    def block(bi, j, lens):
         lo, hi = kv_range(lens[bi], t, spec.window, bk)
-        return bi, ki, jnp.clip(j, lo, jnp.maximum(hi - 1, lo)), 0
+        return jnp.clip(j, lo, jnp.maximum(hi - 1, lo))
 
+    if paged:
+        pool = k.shape[1]
+        # The table is flattened: SMEM pads a 2D array's last dimension to 128 words.
+        scalars = (lengths, page_table.reshape(-1))
+
+        def kv_index(bi, ki, j, lens, table):
+            page = table[bi * nk + block(bi, j, lens)]
+            return ki, jnp.clip(page, 0, pool - 1), 0, 0
+
+    else:
+        scalars = (lengths,)
+
+        def kv_index(bi, ki, j, lens):
+            return bi, ki, block(bi, j, lens), 0
+
+    kv_block = (None, None, bk, c)  # one page of a pool, or bk slots of a sequence's cache
+    q_index = lambda bi, ki, j, *_: (bi, ki, 0, 0)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=len(scalars),
         grid=(b, kv_heads, nk),
         in_specs=[
-            pl.BlockSpec((None, None, rows, c), lambda bi, ki, j, lens: (bi, ki, 0, 0)),
-            pl.BlockSpec((None, None, bk, c), kv_index),
-            pl.BlockSpec((None, None, bk, c), kv_index),
+            pl.BlockSpec((None, None, rows, c), q_index),
+            pl.BlockSpec(kv_block, kv_index),
+            pl.BlockSpec(kv_block, kv_index),
         ],
-        out_specs=pl.BlockSpec((None, None, rows, c), lambda bi, ki, j, lens: (bi, ki, 0, 0)),
+        out_specs=pl.BlockSpec((None, None, rows, c), q_index),
         scratch_shapes=[
             pltpu.VMEM((rows, 1), _F32),
             pltpu.VMEM((rows, 1), _F32),
@@ -77,7 +100,7 @@ def decode(q_BKRC, k, v, lengths, spec, t, g, bk, interpret):
         ],
     )
     return pl.pallas_call(
-        functools.partial(_kernel, spec=spec, t=t, g=g, bk=bk, nk=nk),
+        functools.partial(_kernel, spec=spec, t=t, g=g, bk=bk, nk=nk, paged=paged),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, kv_heads, rows, c), _F32),
         compiler_params=pltpu.CompilerParams(
@@ -85,4 +108,4 @@ def decode(q_BKRC, k, v, lengths, spec, t, g, bk, interpret):
         ),
         interpret=interpret,
         name="decode_attention_tpu",
-    )(lengths, q_BKRC, k, v)
+    )(*scalars, q_BKRC, k, v)

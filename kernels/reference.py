@@ -84,6 +84,20 @@ def decode_reference(
     q_pos = (lengths[:, None] - t + jnp.arange(t)[None, :])[:, :, None]
     k_pos = jnp.arange(s)[None, None, :]
     ok = _window_ok(q_pos, k_pos, True, sliding_window) & (k_pos < lengths[:, None, None])
+    # Slots past a length may hold anything, NaN included (a paged pool's other sequences): a
+    # zero probability times NaN would still reach the output.
+    filled = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, :, None]
+    v_cache = jnp.where(filled, v_cache, jnp.zeros((), v_cache.dtype))
     k_BSKC, v_BSKC = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
     out, _ = _attend(q, k_BSKC, v_BSKC, ok, scale, logit_soft_cap)
     return out.astype(q.dtype)
+
+
+def gather_pages(pages_KPNC, page_table_BM):
+    """A paged pool ``[K, P, N, C]`` (N slots per page) as contiguous caches ``[B, K, M*N, C]``:
+    slot ``i`` of sequence b is slot ``i % N`` of page ``page_table[b, i // N]``. Page ids are
+    clipped into the pool, so table entries past a sequence's length may hold any value."""
+    kv_heads, _, n, c = pages_KPNC.shape
+    b, m = page_table_BM.shape
+    pages_KBMNC = jnp.take(pages_KPNC, page_table_BM, axis=1, mode="clip")
+    return jnp.moveaxis(pages_KBMNC, 0, 1).reshape(b, kv_heads, m * n, c)

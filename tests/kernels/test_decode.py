@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import kernels
@@ -85,3 +86,103 @@ def test_decode_ignores_slots_past_length():
         q, k2, v2, lengths, implementation="pallas_triton", interpret=True, block_k=16
     )
     util.assert_close(out2, out, F32, "garbage past length")
+
+
+def _paged(seed, k, v, lengths, page):
+    """The caches ``[B, K, M*page, C]`` as shuffled pages of a pool ``[K, P, page, C]`` with two
+    spare pages, plus the page table. Spare pages are NaN and table entries past a sequence's
+    last page are out-of-pool ids: neither may be read."""
+    b, kv, s, c = k.shape
+    m = s // page
+    rng = np.random.default_rng(seed)
+    n_pages = b * m + 2
+    table = rng.permutation(n_pages)[: b * m].reshape(b, m)
+
+    def pool(x):
+        pages = x.reshape(b, kv, m, page, c).transpose(1, 0, 2, 3, 4).reshape(kv, b * m, page, c)
+        return (
+            jnp.full((kv, n_pages, page, c), jnp.nan, x.dtype).at[:, table.reshape(-1)].set(pages)
+        )
+
+    used = -(-np.asarray(lengths) // page)
+    garbage = np.where(np.arange(m) % 2, -3, 10**6)[None]
+    table = np.where(np.arange(m)[None] < used[:, None], table, garbage)
+    return pool(k), pool(v), jnp.asarray(table, jnp.int32)
+
+
+def _check_paged(impl, dtype, b, t, m, page, h, kv, c, lengths, **opts):
+    s = m * page
+    q, k, v = _cache_inputs(len(lengths) * 5 + t, b, t, s, h, kv, c, dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    # Slots past each length hold NaN, as a reused page may: they must stay invisible.
+    filled = (jnp.arange(s)[None] < lengths[:, None])[:, None, :, None]
+    k, v = (jnp.where(filled, x, jnp.nan).astype(dtype) for x in (k, v))
+    k_pool, v_pool, table = _paged(b + t, k, v, lengths, page)
+    out = kernels.decode_attention(
+        q, k_pool, v_pool, lengths, page_table=table, implementation=impl, interpret=True, **opts
+    )
+    ref = kernels.decode_reference(*(x.astype(F32) for x in (q, k, v)), lengths, **opts)
+    assert out.shape == q.shape and out.dtype == dtype
+    util.assert_close(out, ref, dtype, f"paged decode {impl}")
+
+
+@pytest.mark.parametrize(
+    ("impl", "t", "opts", "dtype"),
+    [
+        ("xla", 2, dict(sliding_window=21), F32),
+        ("pallas_triton", 1, {}, F32),
+        ("pallas_triton", 3, dict(sliding_window=20, logit_soft_cap=4.0), BF16),
+        ("pallas_mosaic_tpu", 1, dict(sliding_window=30), F32),
+        ("pallas_mosaic_tpu", 2, {}, BF16),
+    ],
+)
+def test_paged_decode(impl, t, opts, dtype):
+    """Pages in shuffled pool order, ragged lengths (one shorter than T, one exactly full)."""
+    c = 128 if impl == "pallas_mosaic_tpu" else 64
+    _check_paged(impl, dtype, 3, t, 5, 16, 8, 2, c, [max(1, t - 1), 80, 37], **opts)
+
+
+def test_reference_ignores_nan_past_length():
+    b, t, s, h, kv, c = 2, 1, 32, 4, 2, 64
+    q, k, v = _cache_inputs(13, b, t, s, h, kv, c, F32)
+    lengths = jnp.asarray([5, 20], jnp.int32)
+    clean = kernels.decode_reference(q, k, v, lengths)
+    poisoned = kernels.decode_reference(
+        q, k.at[:, :, 20:].set(jnp.nan), v.at[:, :, 20:].set(jnp.nan), lengths
+    )
+    np.testing.assert_array_equal(np.asarray(poisoned[1]), np.asarray(clean[1]))
+    assert np.isfinite(np.asarray(poisoned)).all()
+
+
+def test_paged_decode_rejects_bad_layouts():
+    q = jnp.zeros((2, 1, 4, 64), F32)
+    pool = jnp.zeros((2, 6, 16, 64), F32)
+    table = jnp.zeros((2, 3), jnp.int32)
+    lengths = jnp.asarray([3, 40], jnp.int32)
+    with pytest.raises(ValueError, match=r"page_table must be \[B, pages per sequence\]"):
+        kernels.decode_attention(q, pool, pool, lengths, page_table=table[:1])
+    with pytest.raises(ValueError, match="integer page ids"):
+        kernels.decode_attention(q, pool, pool, lengths, page_table=table.astype(F32))
+    with pytest.raises(ValueError, match="pools"):
+        kernels.decode_attention(q, pool[..., :32], pool[..., :32], lengths, page_table=table)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        kernels.decode_attention(
+            q, pool[:, :, :12], pool[:, :, :12], lengths, page_table=table,
+            implementation="pallas_triton", interpret=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of 16 for bfloat16 caches"):
+        bf = pool[:, :, :8].astype(BF16)
+        kernels.decode_attention(
+            q.astype(BF16), bf, bf, lengths, page_table=table,
+            implementation="pallas_mosaic_tpu", interpret=True,
+        )  # fmt: skip
+
+
+def test_paged_decode_falls_back_for_untileable_pages(caplog):
+    """With ``implementation=None`` a page size the kernel cannot tile runs the reference."""
+    q, k, v = _cache_inputs(14, 2, 1, 48, 4, 2, 64, F32)
+    lengths = jnp.asarray([7, 48], jnp.int32)
+    k_pool, v_pool, table = _paged(3, k, v, lengths, 12)
+    out = kernels.decode_attention(q, k_pool, v_pool, lengths, page_table=table, interpret=True)
+    assert "power of two >= 16" in caplog.text and "XLA reference" in caplog.text
+    util.assert_close(out, kernels.decode_reference(q, k, v, lengths), F32, "fallback")

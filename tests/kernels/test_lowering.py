@@ -112,6 +112,23 @@ def test_decode_lowers(dtype, c):
         assert len(modules) == (1 if platform == "cuda" else 0)
 
 
+@pytest.mark.parametrize("c", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_paged_decode_lowers(dtype, c):
+    """A pool whose page count is not a power of two, 3 sequences, 16-slot pages."""
+    q = jnp.zeros((3, 2, 32, c), dtype)
+    pool = jnp.zeros((8, 1000, 16, c), dtype)
+    table = jnp.zeros((3, 300), jnp.int32)
+    lengths = jnp.full((3,), 100, jnp.int32)
+    for impl, platform in (("pallas_mosaic_tpu", "tpu"), ("pallas_triton", "cuda")):
+        f = lambda q, k, v, n, p, impl=impl: kernels.decode_attention(
+            q, k, v, n, page_table=p, sliding_window=512, implementation=impl
+        )
+        with verified_triton_modules() as modules:
+            jax.jit(f).trace(q, pool, pool, lengths, table).lower(lowering_platforms=(platform,))
+        assert len(modules) == (1 if platform == "cuda" else 0)
+
+
 MGPU_OPTION_SETS = {k: v for k, v in OPTION_SETS.items() if k != "segments"}
 
 
