@@ -9,7 +9,10 @@ Reported per size and batch:
 - decode tokens/s: the remaining ``new - 1`` tokens of every sequence over their wall time;
 - the matmul floor: tokens/s if a step cost only its weight matmuls, timed in torch. It bounds
   what any framework can reach, so it tells overhead (which a compiled loop removes) from
-  arithmetic (which it cannot).
+  arithmetic (which it cannot);
+- the bandwidth ceiling: batch x (bytes/s at which this machine streams a matrix as large as the
+  model's weight matrices) / (their bytes). Every step reads every weight once, so no float32
+  decoder exceeds it; at batch 1 the matmul floor sits close to it.
 
 transformers is timed with each torch thread count in ``--torch-threads`` and the faster one is
 the baseline (on a busy 2-core machine one thread can beat two: OpenMP workers spin).
@@ -142,6 +145,31 @@ def matmul_floor(hf_model, batch, reps):
     return best_time(step, reps * 10)
 
 
+def stream_rate(nbytes, torch_threads, reps):
+    """Bytes/s at which this machine reads an ``nbytes`` float32 matrix in a matrix-vector
+    product (XLA in a compiled loop, and torch with each thread count; the fastest). Decoding
+    one token reads every weight matrix once, so ``rate / weight bytes`` bounds tokens/s at
+    batch 1 for any framework that keeps float32 weights."""
+    import torch
+
+    cols = 1024
+    w = np.random.default_rng(0).standard_normal((max(1, nbytes // 4 // cols), cols), np.float32)
+    x = np.ones(cols, np.float32)
+    n = 10
+    loop = jax.jit(
+        lambda w, x: jax.lax.fori_loop(0, n, lambda i, a: a + w @ (x + i), jnp.zeros(w.shape[0]))
+    )
+    wj, xj = jnp.asarray(w), jnp.asarray(x)
+    jax.block_until_ready(loop(wj, xj))
+    best = best_time(lambda: jax.block_until_ready(loop(wj, xj)), reps) / n
+    wt, xt = torch.from_numpy(w), torch.from_numpy(x)
+    with torch.inference_mode():
+        for threads in torch_threads:
+            torch.set_num_threads(threads)
+            best = min(best, best_time(lambda: torch.mv(wt, xt), reps * n))
+    return w.nbytes / best
+
+
 def bench_size(size, args):
     import torch
     import transformers
@@ -156,6 +184,12 @@ def bench_size(size, args):
     vocab = model.config.vocab_size
     print(f"{size}: {model}, {SIZES[size]} (d_model, layers, heads, kv_heads, mlp, vocab)")
 
+    weight_bytes = sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in hf_model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    rate = stream_rate(weight_bytes, [int(t) for t in args.torch_threads.split(",")], args.reps)
     rows = []
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batch.split(",")]:
@@ -183,6 +217,9 @@ def bench_size(size, args):
                 hf_threads=threads,
                 hf_decode_tok_s_by_threads={t: tokens / h[2] for t, h in hf.items()},
                 matmul_floor_tok_s=batch / min(floor.values()),
+                weight_bytes=weight_bytes,
+                stream_gb_s=rate / 1e9,
+                bandwidth_ceiling_tok_s=batch * rate / weight_bytes,
                 speedup=h_dec / j_dec,
                 greedy_equal=equal,
                 first_difference=first_diff,
@@ -222,14 +259,15 @@ def main(argv=None):
     print()
     print("| model | batch | TTFT llmjax (ms) | TTFT transformers (ms) | decode llmjax (tok/s) "
           "| decode transformers (tok/s, threads) | speedup | matmul floor (tok/s) "
-          "| greedy equal |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| bandwidth ceiling (tok/s) | greedy equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['size']} ({r['params'] / 1e6:.1f} M) | {r['batch']} | "
             f"{r['llmjax_ttft_ms']:.1f} | {r['hf_ttft_ms']:.1f} | "
             f"{r['llmjax_decode_tok_s']:.0f} | {r['hf_decode_tok_s']:.0f} ({r['hf_threads']}) | "
-            f"{r['speedup']:.2f}x | {r['matmul_floor_tok_s']:.0f} | {r['greedy_equal']} |"
+            f"{r['speedup']:.2f}x | {r['matmul_floor_tok_s']:.0f} | "
+            f"{r['bandwidth_ceiling_tok_s']:.0f} | {r['greedy_equal']} |"
         )
     print(json.dumps(dict(benchmark="decode", args=vars(args), results=rows)))
     return 0 if all(r["greedy_equal"] for r in rows) else 1

@@ -28,3 +28,10 @@ def test_decode_bench_greedy_equal_to_transformers(capsys):
         assert r["greedy_equal"] and r["first_difference"] is None
         for key in ("llmjax_decode_tok_s", "hf_decode_tok_s", "matmul_floor_tok_s"):
             assert r[key] > 0
+        # stdlib, float32: 4 layers of q, k, v, o (2 of 4 heads' width for k and v) and 3 MLP
+        # matrices, plus the lm_head; the ceiling is batch x streaming rate / those bytes.
+        d, mlp, vocab = 128, 384, 1024
+        assert r["weight_bytes"] == 4 * (4 * (3 * d * d + 3 * d * mlp) + d * vocab)
+        ceiling = r["batch"] * r["stream_gb_s"] * 1e9 / r["weight_bytes"]
+        assert r["bandwidth_ceiling_tok_s"] == pytest.approx(ceiling)
+        assert 1 < r["stream_gb_s"] < 10_000
