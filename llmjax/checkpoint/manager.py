@@ -10,8 +10,10 @@ and moves aside any it cannot restore, and falls back to the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -112,6 +114,39 @@ def read_meta(step_dir: str | Path) -> dict:
         )["meta"]
 
 
+@contextlib.contextmanager
+def _quiet_orphaned_reads(settle_s: float = 0.25, max_wait_s: float = 5.0):
+    """Keep a failed restore from printing a traceback per array still being read.
+
+    Orbax runs a restore on a fresh asyncio loop and closes it as soon as one read fails. The
+    other tensorstore reads finish afterwards and try to wake that closed loop; each raises
+    "Event loop is closed" on a tensorstore thread, which Python reports through
+    ``sys.unraisablehook``: dozens of interleaved tracebacks after the one real error. Only
+    those are swallowed (anything else goes to the previous hook), and only until the late
+    reads have settled, so the hook is the caller's again when this returns.
+    """
+    previous = sys.unraisablehook
+    last = [0.0]
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            last[0] = time.monotonic()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        start = last[0] = time.monotonic()
+        while (now := time.monotonic()) - last[0] < settle_s and now - start < max_wait_s:
+            time.sleep(settle_s / 5)
+        raise
+    finally:
+        sys.unraisablehook = previous
+
+
 def restore(step_dir: str | Path, abstract_state, partial: bool = False) -> tuple[dict, dict]:
     """``(state, meta)`` of one checkpoint, arrays placed as ``abstract_state``'s shardings say.
 
@@ -132,9 +167,12 @@ def restore(step_dir: str | Path, abstract_state, partial: bool = False) -> tupl
         )
     else:
         state_args = ocp.args.StandardRestore(abstract_state)
-    with ocp.CheckpointManager(
-        step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
-    ) as mgr:
+    with (
+        _quiet_orphaned_reads(),
+        ocp.CheckpointManager(
+            step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
+        ) as mgr,
+    ):
         out = mgr.restore(
             int(step_dir.name),
             args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()),
