@@ -88,28 +88,6 @@ def test_decode_ignores_slots_past_length():
     util.assert_close(out2, out, F32, "garbage past length")
 
 
-def _paged(seed, k, v, lengths, page):
-    """The caches ``[B, K, M*page, C]`` as shuffled pages of a pool ``[K, P, page, C]`` with two
-    spare pages, plus the page table. Spare pages are NaN and table entries past a sequence's
-    last page are out-of-pool ids: neither may be read."""
-    b, kv, s, c = k.shape
-    m = s // page
-    rng = np.random.default_rng(seed)
-    n_pages = b * m + 2
-    table = rng.permutation(n_pages)[: b * m].reshape(b, m)
-
-    def pool(x):
-        pages = x.reshape(b, kv, m, page, c).transpose(1, 0, 2, 3, 4).reshape(kv, b * m, page, c)
-        return (
-            jnp.full((kv, n_pages, page, c), jnp.nan, x.dtype).at[:, table.reshape(-1)].set(pages)
-        )
-
-    used = -(-np.asarray(lengths) // page)
-    garbage = np.where(np.arange(m) % 2, -3, 10**6)[None]
-    table = np.where(np.arange(m)[None] < used[:, None], table, garbage)
-    return pool(k), pool(v), jnp.asarray(table, jnp.int32)
-
-
 def _check_paged(impl, dtype, b, t, m, page, h, kv, c, lengths, **opts):
     s = m * page
     q, k, v = _cache_inputs(len(lengths) * 5 + t, b, t, s, h, kv, c, dtype)
@@ -117,7 +95,7 @@ def _check_paged(impl, dtype, b, t, m, page, h, kv, c, lengths, **opts):
     # Slots past each length hold NaN, as a reused page may: they must stay invisible.
     filled = (jnp.arange(s)[None] < lengths[:, None])[:, None, :, None]
     k, v = (jnp.where(filled, x, jnp.nan).astype(dtype) for x in (k, v))
-    k_pool, v_pool, table = _paged(b + t, k, v, lengths, page)
+    k_pool, v_pool, table = util.paged_caches(b + t, k, v, lengths, page)
     out = kernels.decode_attention(
         q, k_pool, v_pool, lengths, page_table=table, implementation=impl, interpret=True, **opts
     )
@@ -182,7 +160,7 @@ def test_paged_decode_falls_back_for_untileable_pages(caplog):
     """With ``implementation=None`` a page size the kernel cannot tile runs the reference."""
     q, k, v = _cache_inputs(14, 2, 1, 48, 4, 2, 64, F32)
     lengths = jnp.asarray([7, 48], jnp.int32)
-    k_pool, v_pool, table = _paged(3, k, v, lengths, 12)
+    k_pool, v_pool, table = util.paged_caches(3, k, v, lengths, 12)
     out = kernels.decode_attention(q, k_pool, v_pool, lengths, page_table=table, interpret=True)
     assert "power of two >= 16" in caplog.text and "XLA reference" in caplog.text
     util.assert_close(out, kernels.decode_reference(q, k, v, lengths), F32, "fallback")

@@ -78,13 +78,11 @@ def test_decode_gpu(dtype, window):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_paged_decode_gpu(dtype):
     """The paged layout: 2048 slots per sequence in shuffled 64-slot pages of one pool."""
-    from tests.kernels.test_decode import _paged
-
     b, t, s, h, kv, c, page = 4, 2, 2048, 32, 8, 128, 64
     q, k, v, _ = util.inputs(4, b, t, s, h, kv, c, dtype)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     lengths = jnp.array([2, 700, 2048, 1500], jnp.int32)
-    k_pool, v_pool, table = _paged(0, k, v, lengths, page)
+    k_pool, v_pool, table = util.paged_caches(0, k, v, lengths, page)
     out = kernels.decode_attention(
         q, k_pool, v_pool, lengths, page_table=table, implementation="pallas_triton"
     )

@@ -93,3 +93,25 @@ def check_flash(q, k, v, do, opts, *, implementation, interpret, block_sizes=Non
     for name, g, g_r in zip("qkv", vjp(cot), vjp_r((do.astype(jnp.float32), cot[1])), strict=True):
         assert g.dtype == dtype
         assert_close(g, g_r, dtype, f"d{name}")
+
+
+def paged_caches(seed, k, v, lengths, page):
+    """The caches ``[B, K, M*page, C]`` as shuffled pages of a pool ``[K, P, page, C]`` with two
+    spare pages, plus the page table. Spare pages are NaN and table entries past a sequence's
+    last page are out-of-pool ids: neither may be read."""
+    b, kv, s, c = k.shape
+    m = s // page
+    rng = np.random.default_rng(seed)
+    n_pages = b * m + 2
+    table = rng.permutation(n_pages)[: b * m].reshape(b, m)
+
+    def pool(x):
+        pages = x.reshape(b, kv, m, page, c).transpose(1, 0, 2, 3, 4).reshape(kv, b * m, page, c)
+        return (
+            jnp.full((kv, n_pages, page, c), jnp.nan, x.dtype).at[:, table.reshape(-1)].set(pages)
+        )
+
+    used = -(-np.asarray(lengths) // page)
+    garbage = np.where(np.arange(m) % 2, -3, 10**6)[None]
+    table = np.where(np.arange(m)[None] < used[:, None], table, garbage)
+    return pool(k), pool(v), jnp.asarray(table, jnp.int32)
