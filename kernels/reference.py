@@ -83,11 +83,11 @@ def decode_reference(
     lengths = lengths.astype(jnp.int32)
     q_pos = (lengths[:, None] - t + jnp.arange(t)[None, :])[:, :, None]
     k_pos = jnp.arange(s)[None, None, :]
-    ok = _window_ok(q_pos, k_pos, True, sliding_window) & (k_pos < lengths[:, None, None])
+    filled = k_pos < lengths[:, None, None]  # [B, 1, S]
+    ok = _window_ok(q_pos, k_pos, True, sliding_window) & filled
     # Slots past a length may hold anything, NaN included (a paged pool's other sequences): a
     # zero probability times NaN would still reach the output.
-    filled = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, :, None]
-    v_cache = jnp.where(filled, v_cache, jnp.zeros((), v_cache.dtype))
+    v_cache = jnp.where(filled[..., None], v_cache, jnp.zeros((), v_cache.dtype))
     k_BSKC, v_BSKC = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
     out, _ = _attend(q, k_BSKC, v_BSKC, ok, scale, logit_soft_cap)
     return out.astype(q.dtype)
