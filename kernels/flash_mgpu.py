@@ -212,6 +212,13 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
 
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
+        # Observe the last stages' releases too, so no barrier is freed with phases this
+        # warpgroup skipped (the GPU interpreter checks this; it costs the idle producer nothing).
+        @pl.loop(jnp.maximum(lo_p, hi_p - stages), hi_p)
+        def _drain(j):
+            plgpu.barrier_wait(k_consumed.at[slot_of(j)])
+            plgpu.barrier_wait(v_consumed.at[slot_of(j)])
+
 
 @functools.partial(jax.jit, static_argnames=("spec", "bk", "stages"))
 def forward(q, k, v, *, spec: common.MaskSpec, bk: int | None = None, stages: int = 2):
