@@ -10,6 +10,7 @@ implementations against each other on the same inputs (max relative error vs the
     python bench/attention.py --segments         # packed documents vs cuDNN with an explicit mask
     python bench/attention.py --tune 128         # sweep Triton block sizes for one head dim
     python bench/attention.py --tune-mosaic 128  # sweep the Mosaic GPU key block and stages
+    python bench/attention.py --tune-mosaic-bwd 64,128  # the same for the Mosaic GPU backward
 """
 
 from __future__ import annotations
@@ -222,6 +223,32 @@ def tune_mosaic(c, peak):
             print(f"# mosaic d{c} causal={causal} bk={bk} stages={stages}: {type(e).__name__}")
 
 
+def tune_mosaic_backward(c, peak):
+    """Sweep the Mosaic GPU backward's blocks (dQ key block, dK/dV query block) and stages at
+    T = 16384, causal and not; TFLOP/s count the backward's 5 of fwd+bwd's 7 matmuls."""
+    from kernels import common, flash_mgpu, flash_mgpu_bwd
+
+    t, h = 16384, 2048 // c
+    q, k, v, _ = make_inputs(1, t, h, h, c)
+    do = jnp.ones_like(q)
+    for causal in (True, False):
+        spec = common.MaskSpec(causal, None, 0, t, False, None, c**-0.5)
+        out, lse = jax.jit(functools.partial(flash_mgpu.forward, spec=spec))(q, k, v)
+        lse2 = lse * flash_mgpu.LOG2E
+        delta = jnp.einsum("bthc,bthc->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+        for bk, bq, stages in itertools.product((64, 128), (64, 128), (2, 3)):
+            name = f"# mosaic bwd d{c} causal={causal} bk={bk} bq={bq} stages={stages}"
+            f = jax.jit(
+                functools.partial(flash_mgpu_bwd.backward, spec=spec, bk=bk, bq=bq, stages=stages)
+            )
+            try:
+                secs = timeit(f, q, k, v, do, lse2, delta)
+                tf = flops(1, t, t, h, c, causal, "fwd") * 2.5 / secs / 1e12
+                print(f"{name}: {tf:.1f} TFLOP/s ({100 * tf / peak:.0f}% of peak)")
+            except Exception as e:  # shared memory exhausted, register spills refused, ...
+                print(f"{name}: {type(e).__name__}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seq", default="512,1024,2048,4096,8192,16384,32768")
@@ -236,6 +263,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="run the seq x head-dim x causal sweep")
     p.add_argument("--tune", default="", help="comma list of head dims to tune block sizes for")
     p.add_argument("--tune-mosaic", default="", help="head dims to tune the Mosaic GPU forward for")
+    p.add_argument("--tune-mosaic-bwd", default="", help="head dims (64,128) for its backward")
     ns = p.parse_args(argv)
     args = Args(
         seqs=[int(x) for x in ns.seq.split(",")],
@@ -254,7 +282,10 @@ def main(argv=None):
         tune(args, c, peak)
     for c in [int(x) for x in ns.tune_mosaic.split(",") if x]:
         tune_mosaic(c, peak)
-    if ns.sweep or not (ns.model or ns.segments or ns.tune or ns.tune_mosaic):
+    for c in [int(x) for x in ns.tune_mosaic_bwd.split(",") if x]:
+        tune_mosaic_backward(c, peak)
+    tuning = ns.tune or ns.tune_mosaic or ns.tune_mosaic_bwd
+    if ns.sweep or not (ns.model or ns.segments or tuning):
         print(HEADER)
         for c, t, causal in itertools.product(args.head_dims, args.seqs, args.causals):
             run_config(args, max(1, args.tokens // t), t, 2048 // c, 2048 // c, c, causal, peak)

@@ -72,6 +72,12 @@ def _unsupported(implementation, head_dim, dtype):
     return None
 
 
+def _mgpu_backward_ok(head_dim, dtype):
+    from kernels import flash_mgpu_bwd
+
+    return flash_mgpu_bwd.supported(head_dim, dtype) is None
+
+
 def _is_hopper():
     """The Mosaic GPU forward uses wgmma, which exists on compute capability 9.0 only."""
     device = jax.devices()[0]
@@ -118,6 +124,7 @@ class _Plan:
     implementation: str
     blocks: BlockSizes
     interpret: bool
+    mosaic_backward: bool = False  # the Mosaic GPU dQ and dK/dV kernels instead of Triton's
 
 
 def _pad_to(x, axis, size, value=0):
@@ -190,6 +197,8 @@ def _flash_bwd(plan, residuals, cotangents):
     delta_BTH = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta_BHT = jnp.swapaxes(delta_BTH, 1, 2) - dlse
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # P = exp(s - inf) = 0 on empty rows
+    if plan.mosaic_backward:
+        return (*_backward_mgpu(plan, q, k, v, do, lse_safe, delta_BHT), None, None)
     qp, kp, vp, qs, ks = _padded(plan, q, k, v, q_seg, kv_seg)
     t_pad = qp.shape[1]
     stats = jnp.stack([_pad_to(lse_safe, 2, t_pad), _pad_to(delta_BHT, 2, t_pad)], axis=2)
@@ -200,6 +209,23 @@ def _flash_bwd(plan, residuals, cotangents):
         num_stages=b.num_stages_bwd, interpret=plan.interpret,
     )  # fmt: skip
     return dq[:, :t], dk[:, :s], dv[:, :s], None, None
+
+
+def _backward_mgpu(plan, q, k, v, do, lse, delta):
+    from kernels import flash_mgpu, flash_mgpu_bwd
+
+    t, s, c = q.shape[1], k.shape[1], q.shape[3]
+    bk, bq = flash_mgpu_bwd.block_sizes(c)
+    t_pad = _round_up(t, max(flash_mgpu.COMPUTE_WGS * flash_mgpu.ROWS, bq))
+    s_pad = _round_up(s, max(flash_mgpu.COMPUTE_WGS * flash_mgpu_bwd.KEYS, bk))
+    # Padded query rows have dO = 0 and delta = 0, so they add nothing to dK and dV.
+    pad_t = functools.partial(_pad_to, axis=1, size=t_pad)
+    pad_s = functools.partial(_pad_to, axis=1, size=s_pad)
+    lse2 = _pad_to(lse * flash_mgpu.LOG2E, 2, t_pad)
+    dq, dk, dv = flash_mgpu_bwd.backward(
+        pad_t(q), pad_s(k), pad_s(v), pad_t(do), lse2, _pad_to(delta, 2, t_pad), spec=plan.spec
+    )
+    return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -242,7 +268,8 @@ def flash_attention(
       scale: logit scale, default ``C ** -0.5``.
       block_sizes: ``BlockSizes``; defaults depend on the implementation and head dim.
       implementation: None or "pallas" (by platform), "xla", "pallas_triton",
-        "pallas_mosaic_gpu" (Hopper forward; its backward is the Triton kernels'),
+        "pallas_mosaic_gpu" (Hopper; its own backward for head dims 64 and 128, else
+        Triton's; chosen automatically, the Triton backward),
         "pallas_mosaic_tpu".
       interpret: run the Pallas kernel in interpret mode (CPU).
       return_lse: also return the log-sum-exp ``[B, H, T]`` fp32 (-inf on rows that see no key).
@@ -306,5 +333,9 @@ def flash_attention(
         block_k=_fit(blocks.block_k, s, minimum),
         block_k_bwd=_fit(blocks.block_k_bwd, s, minimum),
     )
-    out, lse = _flash(_Plan(spec, impl, blocks, bool(interpret)), q, k, v, q_seg, kv_seg)
+    # Named, "pallas_mosaic_gpu" runs its own backward where it can; chosen automatically, it keeps
+    # the Triton backward until the Mosaic one has been measured on hardware (docs/kernels.md).
+    mosaic_backward = implementation == "pallas_mosaic_gpu" and _mgpu_backward_ok(c, q.dtype)
+    plan = _Plan(spec, impl, blocks, bool(interpret), mosaic_backward)
+    out, lse = _flash(plan, q, k, v, q_seg, kv_seg)
     return (out, lse) if return_lse else out

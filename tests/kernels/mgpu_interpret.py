@@ -7,7 +7,8 @@ operands in shared memory, untransposed, and no ``run_state``. The flash kernels
 - ``wgmma`` with a transposed shared-memory operand (``K^T`` in ``S = Q K^T``) or with the A operand
   in registers (``P`` in ``O += P V``);
 - ``pl.run_state`` over an accumulator initialised from registers (``plgpu.ACC.init``);
-- ``layout_cast`` (register layouts do not exist on a CPU: the identity).
+- ``plgpu.load`` (a shared-memory read into a register layout) and ``layout_cast`` (register
+  layouts do not exist on a CPU: the identity).
 
 ``extended()`` patches those in for its duration. The interpreter orders its callbacks through a
 token passed from each to the next, so ``run_state`` is handled between runs of the stock loop,
@@ -32,6 +33,7 @@ try:
     from jax._src import core as jax_core
     from jax._src.pallas.mosaic.interpret import utils as interpret_utils
     from jax._src.pallas.mosaic_gpu import core as mgpu_core
+    from jax._src.pallas.mosaic_gpu import primitives as mgpu_primitives
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as cb
     from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret as ji
     from jax._src.pallas.mosaic_gpu.interpret import params as ip
@@ -161,9 +163,32 @@ def _run_state(self, eqn, token, invals):
     return token, outs
 
 
+def _load(self, eqn, token, invals):
+    """``plgpu.load``: a read of shared memory (the layout it names is dropped with the cast)."""
+    ref, *leaves = invals
+    return _get(self, eqn, token, ref, jax.tree.unflatten(eqn.params["tree"], leaves))
+
+
+def _get(self, eqn, token, ref, transforms):
+    token, value = cb.call_get(
+        token=token, result_shape_and_dtype=eqn.outvars[0].aval,
+        device_id=jnp.int32(self.device_info.device_id), grid_point_coords=self.grid_point_coords,
+        thread_id=self.thread_id, allocation_key_as_array=ref, transforms=transforms,
+        source_info=eqn.source_info,
+    )  # fmt: skip
+    return token, [value]
+
+
+def _special():
+    """Primitives the stock loop lacks that must be ordered by the token."""
+    return {discharge.run_state_p: _run_state, mgpu_primitives.load_p: _load}
+
+
 def _interpreter(stock_interpret):
+    special = _special()
+
     def interpret(self, jaxpr, token, *args):
-        if not any(e.primitive is discharge.run_state_p for e in jaxpr.eqns):
+        if not any(e.primitive in special for e in jaxpr.eqns):
             return stock_interpret(self, jaxpr, token, *args)
         env = dict(zip([*jaxpr.constvars, *jaxpr.invars], args, strict=True))
 
@@ -184,12 +209,12 @@ def _interpreter(stock_interpret):
 
         pending = []
         for e in jaxpr.eqns:
-            if e.primitive is not discharge.run_state_p:
+            if e.primitive not in special:
                 pending.append(e)
                 continue
             if pending:
                 token, pending = run_stock(pending, token), []
-            token, outs = _run_state(self, e, token, [read(v) for v in e.invars])
+            token, outs = special[e.primitive](self, e, token, [read(v) for v in e.invars])
             env.update(
                 (v, o)
                 for v, o in zip(e.outvars, outs, strict=True)

@@ -49,7 +49,7 @@ MGPU_CASES = [
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("case", MGPU_CASES)
 def test_flash_mgpu_gpu(case, dtype):
-    """The Mosaic GPU (Hopper) forward, with the Triton backward behind its custom VJP."""
+    """The Mosaic GPU (Hopper) kernels, forward and backward (Triton's backward at head dim 256)."""
     if jax.devices()[0].compute_capability != "9.0":
         pytest.skip("the Mosaic GPU kernel needs a Hopper GPU (wgmma)")
     b, t, s, h, kv, c, opts = case

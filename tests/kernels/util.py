@@ -71,7 +71,10 @@ def check_flash(q, k, v, do, opts, *, implementation, interpret, block_sizes=Non
         return kernels.attention_reference(q, k, v, return_lse=True, **opts)
 
     up = [x.astype(jnp.float32) for x in (q, k, v)]
-    (out, lse), vjp = jax.vjp(kernel, q, k, v)
+    # Each kernel call finishes before the reference runs: an interpreted GPU kernel runs its
+    # warpgroups as threads that wait on each other inside XLA's CPU runtime, and a computation
+    # dispatched beside them can take the last free slot and leave a waiting thread unscheduled.
+    (out, lse), vjp = jax.block_until_ready(jax.vjp(kernel, q, k, v))
     (out_r, lse_r), vjp_r = jax.vjp(ref, *up)
     assert (
         out.dtype == dtype
@@ -90,7 +93,8 @@ def check_flash(q, k, v, do, opts, *, implementation, interpret, block_sizes=Non
     if not grads:
         return
     cot = (do, jnp.zeros_like(lse))
-    for name, g, g_r in zip("qkv", vjp(cot), vjp_r((do.astype(jnp.float32), cot[1])), strict=True):
+    grads = jax.block_until_ready(vjp(cot))
+    for name, g, g_r in zip("qkv", grads, vjp_r((do.astype(jnp.float32), cot[1])), strict=True):
         assert g.dtype == dtype
         assert_close(g, g_r, dtype, f"d{name}")
 
