@@ -155,20 +155,30 @@ def _kernels(plan):
     return flash_triton
 
 
-def _forward_mgpu(plan, q, k, v):
+def _padded_mgpu(t_pad, s_pad, q, k, v, q_seg, kv_seg):
+    """The Mosaic GPU kernels' padded inputs: ``[B, T]`` and ``[B, S]`` segment ids, whose
+    padding ids (-1, -2) never match a real id or each other."""
+    q, k, v = _pad_to(q, 1, t_pad), _pad_to(k, 1, s_pad), _pad_to(v, 1, s_pad)
+    if q_seg is not None:
+        q_seg, kv_seg = _pad_to(q_seg, 1, t_pad, -1), _pad_to(kv_seg, 1, s_pad, -2)
+    return q, k, v, q_seg, kv_seg
+
+
+def _forward_mgpu(plan, q, k, v, q_seg, kv_seg):
     from kernels import flash_mgpu
 
     t, s = q.shape[1], k.shape[1]
-    rows = flash_mgpu.COMPUTE_WGS * flash_mgpu.ROWS
+    t_pad = _round_up(t, flash_mgpu.COMPUTE_WGS * flash_mgpu.ROWS)
     s_pad = _round_up(s, flash_mgpu.block_kv(q.shape[3]))
-    q, k, v = _pad_to(q, 1, _round_up(t, rows)), _pad_to(k, 1, s_pad), _pad_to(v, 1, s_pad)
-    out, lse = flash_mgpu.forward(q, k, v, spec=plan.spec)
+    out, lse = flash_mgpu.forward(
+        *_padded_mgpu(t_pad, s_pad, q, k, v, q_seg, kv_seg), spec=plan.spec
+    )
     return out[:, :t], lse[:, :, :t]
 
 
 def _forward(plan, q, k, v, q_seg, kv_seg):
     if plan.implementation == "pallas_mosaic_gpu":
-        return _forward_mgpu(plan, q, k, v)
+        return _forward_mgpu(plan, q, k, v, q_seg, kv_seg)
     t = q.shape[1]
     qp, kp, vp, qs, ks = _padded(plan, q, k, v, q_seg, kv_seg)
     b = plan.blocks
@@ -198,7 +208,8 @@ def _flash_bwd(plan, residuals, cotangents):
     delta_BHT = jnp.swapaxes(delta_BTH, 1, 2) - dlse
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # P = exp(s - inf) = 0 on empty rows
     if plan.mosaic_backward:
-        return (*_backward_mgpu(plan, q, k, v, do, lse_safe, delta_BHT), None, None)
+        grads = _backward_mgpu(plan, q, k, v, q_seg, kv_seg, do, lse_safe, delta_BHT)
+        return (*grads, None, None)
     qp, kp, vp, qs, ks = _padded(plan, q, k, v, q_seg, kv_seg)
     t_pad = qp.shape[1]
     stats = jnp.stack([_pad_to(lse_safe, 2, t_pad), _pad_to(delta_BHT, 2, t_pad)], axis=2)
@@ -211,7 +222,7 @@ def _flash_bwd(plan, residuals, cotangents):
     return dq[:, :t], dk[:, :s], dv[:, :s], None, None
 
 
-def _backward_mgpu(plan, q, k, v, do, lse, delta):
+def _backward_mgpu(plan, q, k, v, q_seg, kv_seg, do, lse, delta):
     from kernels import flash_mgpu, flash_mgpu_bwd
 
     t, s, c = q.shape[1], k.shape[1], q.shape[3]
@@ -219,12 +230,12 @@ def _backward_mgpu(plan, q, k, v, do, lse, delta):
     t_pad = _round_up(t, max(flash_mgpu.COMPUTE_WGS * flash_mgpu.ROWS, bq))
     s_pad = _round_up(s, max(flash_mgpu.COMPUTE_WGS * flash_mgpu_bwd.KEYS, bk))
     # Padded query rows have dO = 0 and delta = 0, so they add nothing to dK and dV.
-    pad_t = functools.partial(_pad_to, axis=1, size=t_pad)
-    pad_s = functools.partial(_pad_to, axis=1, size=s_pad)
+    q, k, v, q_seg, kv_seg = _padded_mgpu(t_pad, s_pad, q, k, v, q_seg, kv_seg)
     lse2 = _pad_to(lse * flash_mgpu.LOG2E, 2, t_pad)
     dq, dk, dv = flash_mgpu_bwd.backward(
-        pad_t(q), pad_s(k), pad_s(v), pad_t(do), lse2, _pad_to(delta, 2, t_pad), spec=plan.spec
-    )
+        q, k, v, _pad_to(do, 1, t_pad), lse2, _pad_to(delta, 2, t_pad), q_seg, kv_seg,
+        spec=plan.spec,
+    )  # fmt: skip
     return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
@@ -293,20 +304,17 @@ def flash_attention(
     if (
         auto_gpu
         and impl == "pallas_triton"
-        and segment_ids is None
+        and segment_ids is None  # the Mosaic segment path is unmeasured on hardware (docs)
         and logit_soft_cap is None  # register budget fix not yet confirmed on a GPU (docs)
         and _unsupported("pallas_mosaic_gpu", c, q.dtype) is None
         and _is_hopper()
     ):
         impl = "pallas_mosaic_gpu"
-    if impl == "pallas_mosaic_gpu":
-        if segment_ids is not None:
-            raise ValueError("pallas_mosaic_gpu has no segment masks; use pallas_triton")
-        if interpret:
-            raise ValueError(
-                "pallas_mosaic_gpu does not run in interpret mode (the jax 0.10 GPU interpreter "
-                "models neither transposed nor register wgmma operands); use pallas_triton"
-            )
+    if impl == "pallas_mosaic_gpu" and interpret:
+        raise ValueError(
+            "pallas_mosaic_gpu does not run in interpret mode (the jax 0.10 GPU interpreter "
+            "models neither transposed nor register wgmma operands); use pallas_triton"
+        )
     if impl == "xla":
         return reference.attention_reference(
             q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,

@@ -18,8 +18,13 @@ window), so the producer loads the union and each warpgroup passes over the bloc
 range without computing, keeping both the barrier phases and the schedule-barrier turns in step.
 Inside its range a warpgroup runs interior blocks without mask arithmetic.
 
-Supported: bf16/fp16, head dims 64, 128 and 256, causal, sliding window, soft cap, GQA, T != S.
-Not supported here (``flash.py`` uses the Triton kernel instead): segment ids, fp32.
+Segment ids (packed documents) narrow each warpgroup's key range to the blocks whose ids can
+match (``common.segment_block_bounds`` per ``ROWS`` rows): blocks of other documents are never
+loaded. A warpgroup's query ids sit in registers for the whole program; each stage carries its
+keys' ids beside K, and every block in range is masked.
+
+Supported: bf16/fp16, head dims 64, 128 and 256, causal, sliding window, segment ids, soft cap,
+GQA, T != S. fp32 runs the Triton kernel instead (``flash.py``).
 Inputs arrive padded (T to ``2 * ROWS``, S to the key block) in ``[B, T, H, C]``; lse comes back
 as ``[B, H, T]`` fp32 in natural log.
 """
@@ -77,20 +82,62 @@ def _wg_range(spec, r0, bk, nk):
     return common.kv_block_range(spec, r0 + spec.offset, r0 + ROWS - 1 + spec.offset, bk, nk)
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages, groups, nq):
-    smem, ready, consumed, turn = scoped
+def narrowed(rng, bounds_ref, b, i):
+    """A block range ``(lo, full_lo, full_hi, hi)`` cut to the blocks that segment ids leave
+    visible, ``bounds_ref[b, i]`` (from ``common.segment_block_bounds``); all of them masked."""
+    lo, _, _, hi = rng
+    lo = jnp.maximum(lo, bounds_ref[b, i, 0])
+    hi = jnp.maximum(jnp.minimum(hi, bounds_ref[b, i, 1]), lo)
+    return lo, hi, hi, hi
+
+
+def tile_ranges(spec, block_range, bounds_ref, b, tile):
+    """``(wg_range, lo, hi)``: warpgroup w's block range (``block_range(w)``, narrowed by the
+    segment bounds of warpgroup tile ``tile * COMPUTE_WGS + w``) and the program's blocks
+    ``[lo, hi)`` covering both warpgroups' ranges, where an empty range adds no blocks."""
+
+    def wg_range(w):
+        rng = block_range(w)
+        return narrowed(rng, bounds_ref, b, tile * COMPUTE_WGS + w) if spec.segments else rng
+
+    first, last = wg_range(0), wg_range(1)
+    hi = jnp.maximum(first[3], last[3])
+    lo = jnp.minimum(
+        jnp.where(first[0] < first[3], first[0], hi), jnp.where(last[0] < last[3], last[0], hi)
+    )
+    return wg_range, lo, hi
+
+
+def load_ids(ref, smem, barrier, layout):
+    """Segment ids ``ref`` (a gmem slice) into registers in ``layout``, through ``smem``."""
+    plgpu.copy_gmem_to_smem(ref, smem, barrier)
+    plgpu.barrier_wait(barrier)
+    return plgpu.load(smem, (), layout=layout)
+
+
+def split_refs(refs, n_in, segments):
+    """(inputs, (q_seg, kv_seg, bounds) refs or Nones, outputs) of a kernel's flat refs."""
+    n = n_in + (3 if segments else 0)
+    seg = tuple(refs[n_in:n]) if segments else (None, None, None)
+    return refs[:n_in], seg, refs[n:]
+
+
+def _kernel(*refs, spec, bk, nk, stages, groups, nq):
+    (q_ref, k_ref, v_ref), (qs_ref, ks_ref, bounds_ref), outs = split_refs(refs, 3, spec.segments)
+    (o_ref, lse_ref, scoped) = outs
+    smem, ready, consumed, turn, seg = scoped
     q_smem2, k_smem, v_smem, lse_smem2 = smem
     k_ready, v_ready, q_ready = ready
+    (qs_smem2, ks_smem), (qs_ready, ks_ready) = seg or ((None, None), (None, None))
     k_consumed, v_consumed = consumed
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     tile = lax.axis_index("q")
     if spec.causal:  # the heaviest tiles first, so the grid's tail is short ones
         tile = nq - 1 - tile
     t0 = tile * (COMPUTE_WGS * ROWS)
-    # The program's key blocks: the union of both warpgroups' ranges.
-    first, last = _wg_range(spec, t0, bk, nk), _wg_range(spec, t0 + ROWS, bk, nk)
-    hi_p = jnp.maximum(first[3], last[3])
-    lo_p = jnp.minimum(first[0], hi_p)
+    wg_range, lo_p, hi_p = tile_ranges(
+        spec, lambda w: _wg_range(spec, t0 + w * ROWS, bk, nk), bounds_ref, b, tile
+    )
 
     def slot_of(j):
         return lax.rem(j - lo_p, stages)
@@ -104,7 +151,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
         plgpu.set_max_registers(COMPUTE_REGS, action="increase")
         q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
         r0 = t0 + wg * ROWS
-        lo, full_lo, full_hi, hi = _wg_range(spec, r0, bk, nk)
+        lo, full_lo, full_hi, hi = wg_range(wg)
         lo, hi = jnp.maximum(lo, lo_p), jnp.maximum(jnp.minimum(hi, hi_p), lo_p)
         lo = jnp.minimum(lo, hi)
         full_lo = jnp.clip(full_lo, lo, hi)
@@ -113,6 +160,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
         plgpu.barrier_wait(q_ready.at[wg])
 
         row_layout = plgpu.Layout.WGMMA.reduce(1)
+        if spec.segments:
+            q_ids = load_ids(qs_ref.at[b, pl.ds(r0, ROWS)], qs_smem2.at[wg], qs_ready.at[wg],
+                             row_layout)  # fmt: skip
         m = plgpu.layout_cast(jnp.full((ROWS,), MASK, jnp.float32), row_layout)
         l = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), row_layout)
         acc = jnp.full((ROWS, q_smem.shape[-1]), 0.0, jnp.float32)
@@ -130,6 +180,14 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+            ids = None, None
+            if spec.segments:  # every block is masked then
+                plgpu.barrier_wait(ks_ready.at[slot])
+                k_ids = plgpu.load(ks_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                ids = (
+                    lax.broadcast_in_dim(q_ids, s.shape, [0]),
+                    lax.broadcast_in_dim(k_ids, s.shape, [1]),
+                )
             plgpu.barrier_arrive(k_consumed.at[slot])
             if spec.soft_cap is None:
                 s = s * (spec.scale * LOG2E)
@@ -138,7 +196,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
             if masked:
                 rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
                 cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
-                ok = common.visible(spec, rows + (r0 + spec.offset), cols + j * bk)
+                ok = common.visible(spec, rows + (r0 + spec.offset), cols + j * bk, *ids)
                 s = jnp.where(ok, s, MASK)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
@@ -163,6 +221,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
             # barrier phases and the turn-taking in step with the other warpgroup.
             slot = slot_of(j)
             plgpu.barrier_wait(k_ready.at[slot])
+            if spec.segments:
+                plgpu.barrier_wait(ks_ready.at[slot])
             plgpu.barrier_arrive(k_consumed.at[slot])
             take_turn()
             plgpu.barrier_wait(v_ready.at[slot])
@@ -205,6 +265,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
                 plgpu.barrier_wait(k_consumed.at[slot])
 
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+            if spec.segments:
+                ids = ks_ref.at[b, pl.ds(j * bk, bk)]
+                plgpu.copy_gmem_to_smem(ids, ks_smem.at[slot], ks_ready.at[slot])
 
             @pl.when(j - lo_p >= stages)
             def _():
@@ -221,10 +284,13 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, spec, bk, nk, stages
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bk", "stages"))
-def forward(q, k, v, *, spec: common.MaskSpec, bk: int | None = None, stages: int = 2):
+def forward(
+    q, k, v, q_seg=None, kv_seg=None, *, spec: common.MaskSpec, bk: int | None = None, stages=2
+):
     """``[B, T, H, C]`` x ``[B, S, K, C]`` -> (out ``[B, T, H, C]``, lse ``[B, H, T]`` fp32).
 
-    ``bk`` keys per stage (default ``block_kv(C)``), ``stages`` deep K/V ring.
+    ``q_seg [B, T]`` and ``kv_seg [B, S]`` int32 segment ids when ``spec.segments``. ``bk`` keys
+    per stage (default ``block_kv(C)``), ``stages`` deep K/V ring.
     """
     b, t, h, c = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -241,9 +307,18 @@ def forward(q, k, v, *, spec: common.MaskSpec, bk: int | None = None, stages: in
         _kernel, spec=spec, bk=bk, nk=nk, stages=stages, groups=h // kv, nq=nq
     )
 
-    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    args, seg = (q, k, v), None
+    if spec.segments:
+        bounds = common.segment_block_bounds(q_seg, kv_seg, ROWS, bk)[0]
+        args += (q_seg, kv_seg, bounds)
+        seg = (
+            (plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)),
+            (plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=stages)),
+        )
+
+    def entry(*refs):
         pl.run_scoped(
-            lambda *scoped: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+            lambda *scoped: kernel(*refs, scoped),
             (
                 plgpu.SMEM((COMPUTE_WGS, ROWS, c), q.dtype, transforms=transforms),
                 plgpu.SMEM((stages, bk, c), k.dtype, transforms=transforms),
@@ -257,6 +332,7 @@ def forward(q, k, v, *, spec: common.MaskSpec, bk: int | None = None, stages: in
             ),
             (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+            seg,
             collective_axes="wg",
         )
 
@@ -272,4 +348,4 @@ def forward(q, k, v, *, spec: common.MaskSpec, bk: int | None = None, stages: in
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v)
+    )(*args)

@@ -15,7 +15,9 @@ TMA, and two compute warpgroups run the products with wgmma.
 
 Masking and block ranges follow ``common``: blocks no row can see are never loaded, interior blocks
 skip the mask arithmetic, and a warpgroup passes over the program's blocks outside its own range
-to keep barrier phases in step. The accumulators (dK and dV: 2 x 64 x C fp32 per warpgroup) fit
+to keep barrier phases in step. Segment ids narrow the ranges as in the forward (other documents'
+blocks are never loaded): the ids of a warpgroup's own rows (or keys) stay in registers, and each
+stage carries the ids of the blocks it streams. The accumulators (dK and dV: 2 x 64 x C fp32 per warpgroup) fit
 the register file for head dims 64 and 128; head dim 256 and fp32 use the Triton backward.
 
 Inputs arrive padded (T to ``2 * ROWS`` and the query block, S to ``2 * KEYS`` and the key block);
@@ -42,6 +44,9 @@ from kernels.flash_mgpu import (
     ROWS,
     _transposed,
     _wg_range,
+    load_ids,
+    split_refs,
+    tile_ranges,
 )
 
 KEYS = 64  # keys per compute warpgroup in the dK/dV kernel: the wgmma M tile
@@ -103,15 +108,19 @@ def _clip(rng, lo_p, hi_p):
 # --- dQ ---------------------------------------------------------------------------------------
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, *, spec, bk, nk,
-               stages, groups):  # fmt: skip
-    (q2, do2, lse2_smem, delta2, k_smem, v_smem), ready, (k_consumed, v_consumed) = scoped
+def _dq_kernel(*refs, spec, bk, nk, stages, groups):
+    ins, (qs_ref, ks_ref, bounds_ref), (dq_ref, scoped) = split_refs(refs, 6, spec.segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    (q2, do2, lse2_smem, delta2, k_smem, v_smem), ready, consumed, seg = scoped
     q_ready, do_ready, lse_ready, delta_ready, k_ready, v_ready = ready
+    k_consumed, v_consumed = consumed
+    (qs_smem2, ks_smem), (qs_ready, ks_ready) = seg or ((None, None), (None, None))
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-    t0 = lax.axis_index("q") * (COMPUTE_WGS * ROWS)
-    first, last = _wg_range(spec, t0, bk, nk), _wg_range(spec, t0 + ROWS, bk, nk)
-    hi_p = jnp.maximum(first[3], last[3])
-    lo_p = jnp.minimum(first[0], hi_p)
+    tile = lax.axis_index("q")
+    t0 = tile * (COMPUTE_WGS * ROWS)
+    wg_range, lo_p, hi_p = tile_ranges(
+        spec, lambda w: _wg_range(spec, t0 + w * ROWS, bk, nk), bounds_ref, b, tile
+    )
 
     def slot_of(j):
         return lax.rem(j - lo_p, stages)
@@ -132,6 +141,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, 
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         lse2 = plgpu.load(lse2_smem.at[wg], (), layout=row_layout)
         delta = plgpu.load(delta2.at[wg], (), layout=row_layout)
+        if spec.segments:
+            q_ids = load_ids(qs_ref.at[b, pl.ds(r0, ROWS)], qs_smem2.at[wg], qs_ready.at[wg],
+                             row_layout)  # fmt: skip
         dq = plgpu.layout_cast(jnp.zeros((ROWS, q_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(j, dq, masked):
@@ -153,9 +165,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, 
             plgpu.barrier_arrive(v_consumed.at[slot])
             p, t = _probabilities(spec, s, lax.broadcast_in_dim(lse2, s.shape, [0]))
             if masked:
+                ids = None, None
+                if spec.segments:
+                    plgpu.barrier_wait(ks_ready.at[slot])
+                    k_ids = plgpu.load(ks_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    ids = (
+                        lax.broadcast_in_dim(q_ids, s.shape, [0]),
+                        lax.broadcast_in_dim(k_ids, s.shape, [1]),
+                    )
                 r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                 c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                p = jnp.where(common.visible(spec, r + (r0 + spec.offset), c + j * bk), p, 0.0)
+                ok = common.visible(spec, r + (r0 + spec.offset), c + j * bk, *ids)
+                p = jnp.where(ok, p, 0.0)
             ds = _dscores(p, dp, lax.broadcast_in_dim(delta, s.shape, [0]), t)
             ds = ds.astype(q_smem.dtype)
             dq = pl.run_state(lambda acc: plgpu.wgmma(acc, ds, k_smem.at[slot]))(plgpu.ACC.init(dq))
@@ -165,12 +186,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, 
         def pass_over(j, carry):
             slot = slot_of(j)
             plgpu.barrier_wait(k_ready.at[slot])
+            if spec.segments:
+                plgpu.barrier_wait(ks_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(v_consumed.at[slot])
             plgpu.barrier_arrive(k_consumed.at[slot])
             return carry
 
-        rng = _clip(_wg_range(spec, r0, bk, nk), lo_p, hi_p)
+        rng = _clip(wg_range(wg), lo_p, hi_p)
         dq = _segments(lo_p, *rng, hi_p, step, pass_over, dq)
         q_smem[...] = (dq * spec.scale).astype(q_smem.dtype)  # Q is no longer needed
         plgpu.commit_smem()
@@ -192,6 +215,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, 
                 plgpu.barrier_wait(k_consumed.at[slot])
 
             plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+            if spec.segments:
+                ids = ks_ref.at[b, pl.ds(j * bk, bk)]
+                plgpu.copy_gmem_to_smem(ids, ks_smem.at[slot], ks_ready.at[slot])
 
             @pl.when(j - lo_p >= stages)
             def _():
@@ -223,15 +249,18 @@ def _q_range(spec, k_first, bq, nq):
     return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped, *, spec,
-                bq, nq, stages, groups):  # fmt: skip
-    (k2, v2, q_smem, do_smem, lse2_smem, delta_smem), ready, consumed = scoped
+def _dkv_kernel(*refs, spec, bq, nq, stages, groups):
+    ins, (qs_ref, ks_ref, bounds_ref), (dk_ref, dv_ref, scoped) = split_refs(refs, 6, spec.segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    (k2, v2, q_smem, do_smem, lse2_smem, delta_smem), ready, consumed, seg = scoped
     k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready = ready
+    (ks_smem2, qs_smem), (ks_ready, qs_ready) = seg or ((None, None), (None, None))
     b, kv_head, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-    k0 = lax.axis_index("k") * (COMPUTE_WGS * KEYS)
-    first, last = _q_range(spec, k0, bq, nq), _q_range(spec, k0 + KEYS, bq, nq)
-    hi_p = jnp.maximum(first[3], last[3])
-    lo_p = jnp.minimum(first[0], hi_p)
+    tile = lax.axis_index("k")
+    k0 = tile * (COMPUTE_WGS * KEYS)
+    wg_range, lo_p, hi_p = tile_ranges(
+        spec, lambda w: _q_range(spec, k0 + w * KEYS, bq, nq), bounds_ref, b, tile
+    )
     n_p = hi_p - lo_p  # query blocks per head in the program's range
 
     def slot_of(g, i):
@@ -250,6 +279,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         zeros = jnp.zeros((KEYS, k_smem.shape[-1]), jnp.float32)
         dk = dv = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
         col_layout = plgpu.Layout.WGMMA.reduce(0)
+        if spec.segments:  # the keys are the rows of S^T
+            k_ids = load_ids(ks_ref.at[b, pl.ds(k_first, KEYS)], ks_smem2.at[wg], ks_ready.at[wg],
+                             plgpu.Layout.WGMMA.reduce(1))  # fmt: skip
 
         def step(i, carry, masked, g):
             dk, dv = carry
@@ -265,9 +297,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             lse2 = plgpu.load(lse2_smem.at[slot], (), layout=col_layout)
             p_t, t = _probabilities(spec, s_t, lax.broadcast_in_dim(lse2, s_t.shape, [1]))
             if masked:
+                ids = None, None
+                if spec.segments:
+                    plgpu.barrier_wait(qs_ready.at[slot])
+                    q_ids = plgpu.load(qs_smem.at[slot], (), layout=col_layout)
+                    ids = (
+                        lax.broadcast_in_dim(q_ids, s_t.shape, [1]),
+                        lax.broadcast_in_dim(k_ids, s_t.shape, [0]),
+                    )
                 r = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA)
                 c = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=plgpu.Layout.WGMMA)
-                ok = common.visible(spec, c + (i * bq + spec.offset), r + k_first)
+                ok = common.visible(spec, c + (i * bq + spec.offset), r + k_first, *ids)
                 p_t = jnp.where(ok, p_t, 0.0)
             plgpu.barrier_wait(do_ready.at[slot])
             p_lo = p_t.astype(q_smem.dtype)
@@ -293,12 +333,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         def head(g, carry):
             def pass_over(i, c):
                 slot = slot_of(g, i)
-                for barrier in (q_ready, lse_ready, do_ready, delta_ready):
-                    plgpu.barrier_wait(barrier.at[slot])
+                for barrier in (q_ready, lse_ready, do_ready, delta_ready, qs_ready):
+                    if barrier is not None:
+                        plgpu.barrier_wait(barrier.at[slot])
                 plgpu.barrier_arrive(consumed.at[slot])
                 return c
 
-            rng = _clip(_q_range(spec, k_first, bq, nq), lo_p, hi_p)
+            rng = _clip(wg_range(wg), lo_p, hi_p)
             return _segments(lo_p, *rng, hi_p, functools.partial(step, g=g), pass_over, carry)
 
         dk, dv = lax.fori_loop(0, groups, head, (dk, dv))
@@ -329,6 +370,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse2_smem.at[slot], lse_ready.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[stats], delta_smem.at[slot], delta_ready.at[slot])
+            if spec.segments:
+                ids = qs_ref.at[b, pl.ds(i * bq, bq)]
+                plgpu.copy_gmem_to_smem(ids, qs_smem.at[slot], qs_ready.at[slot])
 
         @pl.loop(jnp.maximum(0, total - stages), total)
         def _drain(n):
@@ -339,10 +383,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bk", "bq", "stages"))
-def backward(q, k, v, do, lse2, delta, *, spec, bk=None, bq=None, stages=2):
+def backward(q, k, v, do, lse2, delta, q_seg=None, kv_seg=None, *, spec, bk=None, bq=None,
+             stages=2):  # fmt: skip
     """Padded ``[B, T, H, C]`` / ``[B, S, K, C]`` inputs and ``[B, H, T]`` stats -> dq, dk, dv.
 
-    ``bk``: keys per stage of the dQ kernel; ``bq``: queries per stage of the dK/dV kernel.
+    ``q_seg [B, T]`` and ``kv_seg [B, S]`` int32 segment ids when ``spec.segments``. ``bk``: keys
+    per stage of the dQ kernel; ``bq``: queries per stage of the dK/dV kernel.
     """
     b, t, h, c = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -359,6 +405,16 @@ def backward(q, k, v, do, lse2, delta, *, spec, bk=None, bq=None, stages=2):
     barriers = functools.partial(plgpu.Barrier, num_barriers=COMPUTE_WGS)
     ring = functools.partial(plgpu.Barrier, num_barriers=stages)
     released = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    args = (q, k, v, do, lse2, delta)
+    dq_args = dkv_args = args
+    dq_seg = dkv_seg = None
+    if spec.segments:
+        dq_bounds = common.segment_block_bounds(q_seg, kv_seg, ROWS, bk)[0]
+        dkv_bounds = common.segment_block_bounds(q_seg, kv_seg, bq, KEYS)[1]
+        dq_args, dkv_args = args + (q_seg, kv_seg, dq_bounds), args + (q_seg, kv_seg, dkv_bounds)
+        ids = functools.partial(plgpu.SMEM, dtype=jnp.int32)
+        dq_seg = ((ids((COMPUTE_WGS, ROWS)), ids((stages, bk))), (barriers(), ring()))
+        dkv_seg = ((ids((COMPUTE_WGS, KEYS)), ids((stages, bq))), (barriers(), ring()))
 
     def dq_entry(*refs):
         pl.run_scoped(
@@ -375,6 +431,7 @@ def backward(q, k, v, do, lse2, delta, *, spec, bk=None, bq=None, stages=2):
             ),
             (barriers(),) * 4 + (ring(),) * 2,
             (released,) * 2,
+            dq_seg,
             collective_axes="wg",
         )
 
@@ -386,7 +443,7 @@ def backward(q, k, v, do, lse2, delta, *, spec, bk=None, bq=None, stages=2):
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=params,
-    )(q, k, v, do, lse2, delta)
+    )(*dq_args)
 
     def dkv_entry(*refs):
         pl.run_scoped(
@@ -403,6 +460,7 @@ def backward(q, k, v, do, lse2, delta, *, spec, bk=None, bq=None, stages=2):
             ),
             (barriers(),) * 2 + (ring(),) * 4,
             released,
+            dkv_seg,
             collective_axes="wg",
         )
 
@@ -414,5 +472,5 @@ def backward(q, k, v, do, lse2, delta, *, spec, bk=None, bq=None, stages=2):
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=params,
-    )(q, k, v, do, lse2, delta)
+    )(*dkv_args)
     return dq, dk, dv

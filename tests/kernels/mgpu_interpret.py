@@ -15,6 +15,10 @@ token passed from each to the next, so ``run_state`` is handled between runs of 
 with the token threaded through it: without that, a barrier arrival after ``O += P V`` could run
 before the matmul read V and let the producer overwrite the stage early.
 
+Each warpgroup runs as its own XLA computation blocking on the others' barriers, so XLA's CPU
+thread pool must hold all of them at once: at least ``MIN_POOL`` threads (the pool is sized from
+the ``NPROC`` environment variable, else the core count; ``tests/conftest.py`` sets it).
+
 This reaches into ``jax._src``; ``available()`` says why it cannot run where the internals differ.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 
 import jax
@@ -45,10 +50,17 @@ except ImportError as e:  # another jax release: the tests that need this say so
     _MISSING = f"jax {jax.__version__} lacks the Mosaic GPU interpreter internals ({e})"
 
 
+# Three warpgroups and the kernel call that waits for them.
+MIN_POOL = 4
+
+
 def available() -> str | None:
     """None if the extended interpreter can run here, else why not."""
     if _MISSING:
         return _MISSING
+    pool = int(os.environ.get("NPROC", 0)) or os.cpu_count() or 1
+    if pool < MIN_POOL:
+        return f"XLA's CPU pool has {pool} threads; set NPROC={MIN_POOL} before jax starts"
     needed = ("_interpret_wgmma_ref_p", "_interpret_arithmetic_primitive", "interpret")
     if not all(hasattr(ji.JaxprInterpreter, n) for n in needed):
         return f"jax {jax.__version__}: the Mosaic GPU interpreter's hooks have changed"
