@@ -1,4 +1,5 @@
-"""The Triton kernels compiled for a real GPU, against the reference (``pytest -m gpu``)."""
+"""The Triton and Mosaic GPU kernels compiled for a real GPU, against the reference
+(``pytest -m gpu``)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ MGPU_CASES = [
     (1, 300, 700, 8, 8, 64, dict(causal=False)),
     (1, 700, 300, 4, 2, 128, dict(causal=True)),
     (2, 2048, 2048, 8, 8, 256, dict(causal=True)),
+    (2, 1024, 1024, 8, 2, 128, "packed"),
+    (1, 1000, 1000, 4, 4, 64, "packed-full"),
 ]
 
 
@@ -53,6 +56,8 @@ def test_flash_mgpu_gpu(case, dtype):
     if jax.devices()[0].compute_capability != "9.0":
         pytest.skip("the Mosaic GPU kernel needs a Hopper GPU (wgmma)")
     b, t, s, h, kv, c, opts = case
+    if isinstance(opts, str):  # packed documents, causal or not
+        opts = dict(causal=opts == "packed", segment_ids=util.packed_segments(0, b, t, 5))
     q, k, v, do = util.inputs(3, b, t, s, h, kv, c, dtype)
     util.check_flash(q, k, v, do, opts, implementation="pallas_mosaic_gpu", interpret=False)
 
