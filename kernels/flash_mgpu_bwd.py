@@ -17,8 +17,9 @@ Masking and block ranges follow ``common``: blocks no row can see are never load
 skip the mask arithmetic, and a warpgroup passes over the program's blocks outside its own range
 to keep barrier phases in step. Segment ids narrow the ranges as in the forward (other documents'
 blocks are never loaded): the ids of a warpgroup's own rows (or keys) stay in registers, and each
-stage carries the ids of the blocks it streams. The accumulators (dK and dV: 2 x 64 x C fp32 per warpgroup) fit
-the register file for head dims 64 and 128; head dim 256 and fp32 use the Triton backward.
+stage carries the ids of the blocks it streams. The accumulators (dK and dV: 2 x 64 x C fp32 per
+warpgroup) fit the register file for head dims 64 and 128; head dim 256 and fp32 use the Triton
+backward.
 
 Inputs arrive padded (T to ``2 * ROWS`` and the query block, S to ``2 * KEYS`` and the key block);
 ``lse2`` is the log-sum-exp in base 2 (+inf on rows that see nothing) and ``delta`` is
