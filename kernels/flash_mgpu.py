@@ -122,6 +122,44 @@ def split_refs(refs, n_in, segments):
     return refs[:n_in], seg, refs[n:]
 
 
+def stream_kv(refs, smem, ready, consumed, *, b, kv_head, lo, hi, bk, stages):
+    """The producer warpgroup's loop: key/value blocks ``[lo, hi)`` of one kv head (and their
+    segment ids, where ``refs[2]`` is not None) into a ring of ``stages`` shared-memory slots,
+    each refilled once the compute warpgroups release it."""
+    (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem) = refs, smem
+    (k_ready, v_ready, ks_ready), (k_consumed, v_consumed) = ready, consumed
+
+    def slot_of(j):
+        return lax.rem(j - lo, stages)
+
+    @pl.loop(lo, hi)
+    def _load(j):
+        slot = slot_of(j)
+        rows = (b, pl.ds(j * bk, bk), kv_head)
+
+        @pl.when(j - lo >= stages)
+        def _():
+            plgpu.barrier_wait(k_consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+        if ks_ref is not None:
+            ids = ks_ref.at[b, pl.ds(j * bk, bk)]
+            plgpu.copy_gmem_to_smem(ids, ks_smem.at[slot], ks_ready.at[slot])
+
+        @pl.when(j - lo >= stages)
+        def _():
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+    # Observe the last stages' releases too, so no barrier is freed with phases this warpgroup
+    # skipped (the GPU interpreter checks this; it costs the idle producer nothing).
+    @pl.loop(jnp.maximum(lo, hi - stages), hi)
+    def _drain(j):
+        plgpu.barrier_wait(k_consumed.at[slot_of(j)])
+        plgpu.barrier_wait(v_consumed.at[slot_of(j)])
+
+
 def _kernel(*refs, spec, bk, nk, stages, groups, nq):
     (q_ref, k_ref, v_ref), (qs_ref, ks_ref, bounds_ref), outs = split_refs(refs, 3, spec.segments)
     (o_ref, lse_ref, scoped) = outs
@@ -255,32 +293,10 @@ def _kernel(*refs, spec, bk, nk, stages, groups, nq):
         plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
         kv_head = lax.div(h, jnp.int32(groups))
 
-        @pl.loop(lo_p, hi_p)
-        def _load(j):
-            slot = slot_of(j)
-            rows = (b, pl.ds(j * bk, bk), kv_head)
-
-            @pl.when(j - lo_p >= stages)
-            def _():
-                plgpu.barrier_wait(k_consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            if spec.segments:
-                ids = ks_ref.at[b, pl.ds(j * bk, bk)]
-                plgpu.copy_gmem_to_smem(ids, ks_smem.at[slot], ks_ready.at[slot])
-
-            @pl.when(j - lo_p >= stages)
-            def _():
-                plgpu.barrier_wait(v_consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
-
-        # Observe the last stages' releases too, so no barrier is freed with phases this
-        # warpgroup skipped (the GPU interpreter checks this; it costs the idle producer nothing).
-        @pl.loop(jnp.maximum(lo_p, hi_p - stages), hi_p)
-        def _drain(j):
-            plgpu.barrier_wait(k_consumed.at[slot_of(j)])
-            plgpu.barrier_wait(v_consumed.at[slot_of(j)])
+        stream_kv(
+            (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_ready, v_ready, ks_ready),
+            consumed, b=b, kv_head=kv_head, lo=lo_p, hi=hi_p, bk=bk, stages=stages,
+        )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bk", "stages"))

@@ -47,6 +47,7 @@ from kernels.flash_mgpu import (
     _wg_range,
     load_ids,
     split_refs,
+    stream_kv,
     tile_ranges,
 )
 
@@ -206,30 +207,10 @@ def _dq_kernel(*refs, spec, bk, nk, stages, groups):
         plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
         kv_head = lax.div(h, jnp.int32(groups))
 
-        @pl.loop(lo_p, hi_p)
-        def _load(j):
-            slot = slot_of(j)
-            src = (b, pl.ds(j * bk, bk), kv_head)
-
-            @pl.when(j - lo_p >= stages)
-            def _():
-                plgpu.barrier_wait(k_consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
-            if spec.segments:
-                ids = ks_ref.at[b, pl.ds(j * bk, bk)]
-                plgpu.copy_gmem_to_smem(ids, ks_smem.at[slot], ks_ready.at[slot])
-
-            @pl.when(j - lo_p >= stages)
-            def _():
-                plgpu.barrier_wait(v_consumed.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
-
-        @pl.loop(jnp.maximum(lo_p, hi_p - stages), hi_p)
-        def _drain(j):
-            plgpu.barrier_wait(k_consumed.at[slot_of(j)])
-            plgpu.barrier_wait(v_consumed.at[slot_of(j)])
+        stream_kv(
+            (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_ready, v_ready, ks_ready),
+            consumed, b=b, kv_head=kv_head, lo=lo_p, hi=hi_p, bk=bk, stages=stages,
+        )  # fmt: skip
 
 
 # --- dK, dV -----------------------------------------------------------------------------------
