@@ -126,6 +126,7 @@ def stream_kv(refs, smem, ready, consumed, *, b, kv_head, lo, hi, bk, stages):
     """The producer warpgroup's loop: key/value blocks ``[lo, hi)`` of one kv head (and their
     segment ids, where ``refs[2]`` is not None) into a ring of ``stages`` shared-memory slots,
     each refilled once the compute warpgroups release it."""
+    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
     (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem) = refs, smem
     (k_ready, v_ready, ks_ready), (k_consumed, v_consumed) = ready, consumed
 
@@ -288,15 +289,13 @@ def _kernel(*refs, spec, bk, nk, stages, groups, nq):
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(r0, ROWS)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
-    def _produce():
-        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-        kv_head = lax.div(h, jnp.int32(groups))
-
-        stream_kv(
+    pl.when(wg == COMPUTE_WGS)(
+        lambda: stream_kv(
             (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_ready, v_ready, ks_ready),
-            consumed, b=b, kv_head=kv_head, lo=lo_p, hi=hi_p, bk=bk, stages=stages,
-        )  # fmt: skip
+            consumed, b=b, kv_head=lax.div(h, jnp.int32(groups)), lo=lo_p, hi=hi_p, bk=bk,
+            stages=stages,
+        )
+    )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bk", "stages"))

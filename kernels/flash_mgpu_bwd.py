@@ -202,15 +202,13 @@ def _dq_kernel(*refs, spec, bk, nk, stages, groups):
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
-    def _produce():
-        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-        kv_head = lax.div(h, jnp.int32(groups))
-
-        stream_kv(
+    pl.when(wg == COMPUTE_WGS)(
+        lambda: stream_kv(
             (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_ready, v_ready, ks_ready),
-            consumed, b=b, kv_head=kv_head, lo=lo_p, hi=hi_p, bk=bk, stages=stages,
-        )  # fmt: skip
+            consumed, b=b, kv_head=lax.div(h, jnp.int32(groups)), lo=lo_p, hi=hi_p, bk=bk,
+            stages=stages,
+        )
+    )  # fmt: skip
 
 
 # --- dK, dV -----------------------------------------------------------------------------------
