@@ -17,9 +17,11 @@ Reported per size and batch:
 transformers is timed with each torch thread count in ``--torch-threads`` and the faster one is
 the baseline (on a busy 2-core machine one thread can beat two: OpenMP workers spin).
 For llmjax the two phases are its two jitted calls (``prefill`` and the ``while_loop`` decode),
-timed after a warm-up compile. For transformers, TTFT is ``generate(max_new_tokens=1)`` and
-decode time is ``generate(max_new_tokens=new)`` minus it. Each timing is the best of ``--reps``
-runs: the machine may be shared, and the fastest run is the least disturbed one.
+timed after a warm-up compile. For transformers, a stopping criterion stamps the time as each
+token is appended inside ``generate``: TTFT runs to the first stamp, decode from the first to
+the last. Both phases are timed within the same run, never as a difference of two runs (which
+noise can make negative). Each timing is the best of ``--reps`` runs: the machine may be
+shared, and the fastest run is the least disturbed one.
 
     python bench/decode.py --reps 5                        # every size, batch 1 and 16
     python bench/decode.py --sizes 60m --batch 1 --new 64
@@ -83,6 +85,13 @@ def best_time(fn, reps):
     return min(times)
 
 
+def best_phases(run, reps):
+    """``run()`` returns ``(output, ttft seconds, decode seconds)`` of one generation; the best
+    of each phase over ``reps`` runs, with the last run's output."""
+    runs = [run() for _ in range(reps)]
+    return runs[-1][0], min(r[1] for r in runs), min(r[2] for r in runs)
+
+
 def bench_llmjax(model, params, prompts, new, reps):
     cfg = SamplingConfig()
     tokens, lengths = sampler.pad_prompts(prompts, model.config.vocab_size)
@@ -90,41 +99,54 @@ def bench_llmjax(model, params, prompts, new, reps):
     extra = (cfg.params(model.config.vocab_size), sampler.stop_array(()))
     kw = dict(mode=cfg.mode, max_new=new, masked=False)
 
-    def first():
-        return jax.block_until_ready(sampler.prefill(model, params, *args, *extra, **kw))
+    def run():
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(sampler.prefill(model, params, *args, *extra, **kw))
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(sampler.decode_loop(model, params, state, mode=cfg.mode))
+        return np.asarray(out.out_BN), t1 - t0, time.perf_counter() - t1
 
-    def run_all():
-        state = first()
-        return jax.block_until_ready(sampler.decode_loop(model, params, state, mode=cfg.mode))
-
-    out = run_all()  # compiles both calls
-    ttft = best_time(first, reps)
-    total = best_time(run_all, reps)
-    return np.asarray(out.out_BN), ttft, total - ttft
+    run()  # compiles both calls
+    return best_phases(run, reps)
 
 
 def bench_hf(hf_model, prompts, new, reps):
     import torch
+    import transformers
 
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)
 
-    def gen(n):
+    class Stamps(transformers.StoppingCriteria):
+        """Never stops; records when each new token has been appended."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def run():
+        stamps = Stamps()
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            return hf_model.generate(
+            out = hf_model.generate(
                 ids,
                 attention_mask=mask,
-                max_new_tokens=n,
-                min_new_tokens=n,
+                max_new_tokens=new,
+                min_new_tokens=new,
                 do_sample=False,
                 use_cache=True,
                 pad_token_id=0,
+                stopping_criteria=transformers.StoppingCriteriaList([stamps]),
             )
+        assert len(stamps.times) == new, (len(stamps.times), new)
+        first, last = stamps.times[0], stamps.times[-1]
+        return out[:, ids.shape[1] :].numpy(), first - t0, last - first
 
-    out = gen(new)  # warm-up
-    ttft = best_time(lambda: gen(1), reps)
-    total = best_time(lambda: gen(new), reps)
-    return out[:, ids.shape[1] :].numpy(), ttft, total - ttft
+    run()  # warm-up
+    return best_phases(run, reps)
 
 
 def matmul_floor(hf_model, batch, reps):
