@@ -103,7 +103,7 @@ def test_mgpu_other_documents_blocks_are_never_read(causal):
     one's blocks, before them (the last document's rows) or after them (the first's keys, whose
     dK/dV pass would meet the middle rows' NaN statistics); masking alone would multiply zero
     probabilities by NaN."""
-    b, t, h, kv, c, n = 1, 768, 2 if not causal else 1, 1, 128, 256
+    b, t, h, kv, c, n = 1, 384, 2 if not causal else 1, 1, 128, 128
     seg = (jnp.arange(t)[None] // n).astype(jnp.int32)
     q, k, v, do = util.inputs(13, b, t, t, h, kv, c, BF16)
     poison = (seg == 1)[:, :, None, None]
