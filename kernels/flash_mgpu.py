@@ -115,6 +115,49 @@ def load_ids(ref, smem, barrier, layout):
     return plgpu.load(smem, (), layout=layout)
 
 
+def clip_range(rng, lo_p, hi_p):
+    """A warpgroup's ``(lo, full_lo, full_hi, hi)`` cut to the program's blocks ``[lo_p, hi_p)``."""
+    lo, full_lo, full_hi, hi = rng
+    lo, hi = jnp.maximum(lo, lo_p), jnp.maximum(jnp.minimum(hi, hi_p), lo_p)
+    lo = jnp.minimum(lo, hi)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def run_blocks(lo_p, lo, full_lo, full_hi, hi, hi_p, step, pass_over, carry):
+    """Blocks ``[lo_p, hi_p)``: passed over outside ``[lo, hi)``, masked at the edges, plain
+    inside. ``step(j, carry, masked)``; ``pass_over(j, _)`` keeps the barrier phases in step."""
+    lax.fori_loop(lo_p, lo, pass_over, None)
+    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+    lax.fori_loop(hi, hi_p, pass_over, None)
+    return carry
+
+
+def block_ids(row_ids, smem, ready, slot, shape):
+    """``(row ids, column ids)`` broadcast over a ``shape`` tile: the rows' ids from registers,
+    the columns' from the stage ``slot`` of ``smem`` once ``ready``."""
+    plgpu.barrier_wait(ready.at[slot])
+    col_ids = plgpu.load(smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+    return lax.broadcast_in_dim(row_ids, shape, [0]), lax.broadcast_in_dim(col_ids, shape, [1])
+
+
+def positions(shape, row0, col0):
+    """``(row positions, column positions)`` of a ``shape`` tile in the WGMMA layout."""
+    iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=plgpu.Layout.WGMMA)
+    return iota(0) + row0, iota(1) + col0
+
+
+def smem_transforms(c, dtype):
+    """Tiling and swizzle of a ``[rows, c]`` shared-memory operand of wgmma."""
+    swizzle = min(128, c * jnp.dtype(dtype).itemsize)
+    return (
+        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+
+
 def split_refs(refs, n_in, segments):
     """(inputs, (q_seg, kv_seg, bounds) refs or Nones, outputs) of a kernel's flat refs."""
     n = n_in + (3 if segments else 0)
@@ -190,11 +233,6 @@ def _kernel(*refs, spec, bk, nk, stages, groups, nq):
         plgpu.set_max_registers(COMPUTE_REGS, action="increase")
         q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
         r0 = t0 + wg * ROWS
-        lo, full_lo, full_hi, hi = wg_range(wg)
-        lo, hi = jnp.maximum(lo, lo_p), jnp.maximum(jnp.minimum(hi, hi_p), lo_p)
-        lo = jnp.minimum(lo, hi)
-        full_lo = jnp.clip(full_lo, lo, hi)
-        full_hi = jnp.clip(full_hi, full_lo, hi)
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS), h], q_smem, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
 
@@ -221,21 +259,14 @@ def _kernel(*refs, spec, bk, nk, stages, groups, nq):
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
             ids = None, None
             if spec.segments:  # every block is masked then
-                plgpu.barrier_wait(ks_ready.at[slot])
-                k_ids = plgpu.load(ks_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                ids = (
-                    lax.broadcast_in_dim(q_ids, s.shape, [0]),
-                    lax.broadcast_in_dim(k_ids, s.shape, [1]),
-                )
+                ids = block_ids(q_ids, ks_smem, ks_ready, slot, s.shape)
             plgpu.barrier_arrive(k_consumed.at[slot])
             if spec.soft_cap is None:
                 s = s * (spec.scale * LOG2E)
             else:
                 s = jnp.tanh(s * (spec.scale / spec.soft_cap)) * (spec.soft_cap * LOG2E)
             if masked:
-                rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
-                cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
-                ok = common.visible(spec, rows + (r0 + spec.offset), cols + j * bk, *ids)
+                ok = common.visible(spec, *positions(s.shape, r0 + spec.offset, j * bk), *ids)
                 s = jnp.where(ok, s, MASK)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
@@ -269,14 +300,8 @@ def _kernel(*refs, spec, bk, nk, stages, groups, nq):
             take_turn()
             return carry
 
-        masked_step = functools.partial(step, masked=True)
-        carry = (m, l, acc)
-        lax.fori_loop(lo_p, lo, pass_over, None)
-        carry = lax.fori_loop(lo, full_lo, masked_step, carry)
-        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(full_hi, hi, masked_step, carry)
-        lax.fori_loop(hi, hi_p, pass_over, None)
-        m, l, acc = carry
+        rng = clip_range(wg_range(wg), lo_p, hi_p)
+        m, l, acc = run_blocks(lo_p, *rng, hi_p, step, pass_over, (m, l, acc))
         pl.when(wg == 0)(take_turn)  # balances the offset taken by warpgroup 1
 
         empty = l == 0.0
@@ -313,11 +338,7 @@ def forward(
     if t % (COMPUTE_WGS * ROWS) or s % bk:
         raise ValueError(f"pad T to {COMPUTE_WGS * ROWS} and S to {bk} (got T={t}, S={s})")
     nq, nk = t // (COMPUTE_WGS * ROWS), s // bk
-    swizzle = min(128, c * q.dtype.itemsize)
-    transforms = (
-        plgpu.TilingTransform((8, swizzle // q.dtype.itemsize)),
-        plgpu.SwizzleTransform(swizzle),
-    )
+    transforms = smem_transforms(c, q.dtype)
     kernel = functools.partial(
         _kernel, spec=spec, bk=bk, nk=nk, stages=stages, groups=h // kv, nq=nq
     )

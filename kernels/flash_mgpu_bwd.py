@@ -45,7 +45,12 @@ from kernels.flash_mgpu import (
     ROWS,
     _transposed,
     _wg_range,
+    block_ids,
+    clip_range,
     load_ids,
+    positions,
+    run_blocks,
+    smem_transforms,
     split_refs,
     stream_kv,
     tile_ranges,
@@ -68,14 +73,6 @@ def block_sizes(head_dim: int) -> tuple[int, int]:
     return {64: (128, 64), 128: (64, 64)}[head_dim]
 
 
-def _smem_transforms(c, dtype):
-    swizzle = min(128, c * jnp.dtype(dtype).itemsize)
-    return (
-        plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-        plgpu.SwizzleTransform(swizzle),
-    )
-
-
 def _probabilities(spec, s, lse2):
     """P (or P^T) from raw logits and the base-2 lse broadcast to s's shape; also tanh or None."""
     if spec.soft_cap is None:
@@ -87,24 +84,6 @@ def _probabilities(spec, s, lse2):
 def _dscores(p, dp, delta, t):
     ds = p * (dp - delta)
     return ds if t is None else ds * (1.0 - t * t)
-
-
-def _segments(lo_p, lo, full_lo, full_hi, hi, hi_p, step, pass_over, carry):
-    """Blocks [lo_p, hi_p): passed over outside [lo, hi), masked at the edges, plain inside."""
-    lax.fori_loop(lo_p, lo, pass_over, None)
-    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
-    lax.fori_loop(hi, hi_p, pass_over, None)
-    return carry
-
-
-def _clip(rng, lo_p, hi_p):
-    lo, full_lo, full_hi, hi = rng
-    lo, hi = jnp.maximum(lo, lo_p), jnp.maximum(jnp.minimum(hi, hi_p), lo_p)
-    lo = jnp.minimum(lo, hi)
-    full_lo = jnp.clip(full_lo, lo, hi)
-    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
 
 
 # --- dQ ---------------------------------------------------------------------------------------
@@ -169,15 +148,8 @@ def _dq_kernel(*refs, spec, bk, nk, stages, groups):
             if masked:
                 ids = None, None
                 if spec.segments:
-                    plgpu.barrier_wait(ks_ready.at[slot])
-                    k_ids = plgpu.load(ks_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                    ids = (
-                        lax.broadcast_in_dim(q_ids, s.shape, [0]),
-                        lax.broadcast_in_dim(k_ids, s.shape, [1]),
-                    )
-                r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-                c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                ok = common.visible(spec, r + (r0 + spec.offset), c + j * bk, *ids)
+                    ids = block_ids(q_ids, ks_smem, ks_ready, slot, s.shape)
+                ok = common.visible(spec, *positions(s.shape, r0 + spec.offset, j * bk), *ids)
                 p = jnp.where(ok, p, 0.0)
             ds = _dscores(p, dp, lax.broadcast_in_dim(delta, s.shape, [0]), t)
             ds = ds.astype(q_smem.dtype)
@@ -195,8 +167,8 @@ def _dq_kernel(*refs, spec, bk, nk, stages, groups):
             plgpu.barrier_arrive(k_consumed.at[slot])
             return carry
 
-        rng = _clip(wg_range(wg), lo_p, hi_p)
-        dq = _segments(lo_p, *rng, hi_p, step, pass_over, dq)
+        rng = clip_range(wg_range(wg), lo_p, hi_p)
+        dq = run_blocks(lo_p, *rng, hi_p, step, pass_over, dq)
         q_smem[...] = (dq * spec.scale).astype(q_smem.dtype)  # Q is no longer needed
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -278,16 +250,10 @@ def _dkv_kernel(*refs, spec, bq, nq, stages, groups):
             p_t, t = _probabilities(spec, s_t, lax.broadcast_in_dim(lse2, s_t.shape, [1]))
             if masked:
                 ids = None, None
-                if spec.segments:
-                    plgpu.barrier_wait(qs_ready.at[slot])
-                    q_ids = plgpu.load(qs_smem.at[slot], (), layout=col_layout)
-                    ids = (
-                        lax.broadcast_in_dim(q_ids, s_t.shape, [1]),
-                        lax.broadcast_in_dim(k_ids, s_t.shape, [0]),
-                    )
-                r = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA)
-                c = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=plgpu.Layout.WGMMA)
-                ok = common.visible(spec, c + (i * bq + spec.offset), r + k_first, *ids)
+                if spec.segments:  # S^T: keys are the rows, queries the columns
+                    ids = block_ids(k_ids, qs_smem, qs_ready, slot, s_t.shape)[::-1]
+                keys, queries = positions(s_t.shape, k_first, i * bq + spec.offset)
+                ok = common.visible(spec, queries, keys, *ids)
                 p_t = jnp.where(ok, p_t, 0.0)
             plgpu.barrier_wait(do_ready.at[slot])
             p_lo = p_t.astype(q_smem.dtype)
@@ -319,8 +285,8 @@ def _dkv_kernel(*refs, spec, bq, nq, stages, groups):
                 plgpu.barrier_arrive(consumed.at[slot])
                 return c
 
-            rng = _clip(wg_range(wg), lo_p, hi_p)
-            return _segments(lo_p, *rng, hi_p, functools.partial(step, g=g), pass_over, carry)
+            rng = clip_range(wg_range(wg), lo_p, hi_p)
+            return run_blocks(lo_p, *rng, hi_p, functools.partial(step, g=g), pass_over, carry)
 
         dk, dv = lax.fori_loop(0, groups, head, (dk, dv))
         k_smem[...] = (dk * spec.scale).astype(k_smem.dtype)  # K and V are no longer needed
@@ -380,7 +346,7 @@ def backward(q, k, v, do, lse2, delta, q_seg=None, kv_seg=None, *, spec, bk=None
             f"(got T={t}, S={s})"
         )
     dtype, groups = q.dtype, h // kv
-    tf = _smem_transforms(c, dtype)
+    tf = smem_transforms(c, dtype)
     params = plgpu.CompilerParams(approx_math=True)
     barriers = functools.partial(plgpu.Barrier, num_barriers=COMPUTE_WGS)
     ring = functools.partial(plgpu.Barrier, num_barriers=stages)
