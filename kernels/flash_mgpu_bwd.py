@@ -73,6 +73,17 @@ def block_sizes(head_dim: int) -> tuple[int, int]:
     return {64: (128, 64), 128: (64, 64)}[head_dim]
 
 
+def _product_t(a_smem, b_smem):
+    """``A B^T`` of two shared-memory tiles by wgmma, into a fresh fp32 accumulator read back
+    into registers."""
+
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, _transposed(b_smem))
+        return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32))
+
+
 def _probabilities(spec, s, lse2):
     """P (or P^T) from raw logits and the base-2 lse broadcast to s's shape; also tanh or None."""
     if spec.soft_cap is None:
@@ -131,18 +142,10 @@ def _dq_kernel(*refs, spec, bk, nk, stages, groups):
             slot = slot_of(j)
             plgpu.barrier_wait(k_ready.at[slot])
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, _transposed(k_smem.at[slot]))
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+            s = _product_t(q_smem, k_smem.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
 
-            def dov(acc_ref):
-                plgpu.wgmma(acc_ref, do_smem, _transposed(v_smem.at[slot]))
-                return acc_ref[...]
-
-            dp = pl.run_scoped(dov, plgpu.ACC((ROWS, bk), jnp.float32))
+            dp = _product_t(do_smem, v_smem.at[slot])
             plgpu.barrier_arrive(v_consumed.at[slot])
             p, t = _probabilities(spec, s, lax.broadcast_in_dim(lse2, s.shape, [0]))
             if masked:
@@ -240,11 +243,7 @@ def _dkv_kernel(*refs, spec, bq, nq, stages, groups):
             slot = slot_of(g, i)
             plgpu.barrier_wait(q_ready.at[slot])
 
-            def kq(acc_ref):
-                plgpu.wgmma(acc_ref, k_smem, _transposed(q_smem.at[slot]))
-                return acc_ref[...]
-
-            s_t = pl.run_scoped(kq, plgpu.ACC((KEYS, bq), jnp.float32))
+            s_t = _product_t(k_smem, q_smem.at[slot])
             plgpu.barrier_wait(lse_ready.at[slot])
             lse2 = plgpu.load(lse2_smem.at[slot], (), layout=col_layout)
             p_t, t = _probabilities(spec, s_t, lax.broadcast_in_dim(lse2, s_t.shape, [1]))
@@ -261,11 +260,7 @@ def _dkv_kernel(*refs, spec, bq, nq, stages, groups):
                 plgpu.ACC.init(dv)
             )
 
-            def vdo(acc_ref):
-                plgpu.wgmma(acc_ref, v_smem, _transposed(do_smem.at[slot]))
-                return acc_ref[...]
-
-            dp_t = pl.run_scoped(vdo, plgpu.ACC((KEYS, bq), jnp.float32))
+            dp_t = _product_t(v_smem, do_smem.at[slot])
             plgpu.barrier_wait(delta_ready.at[slot])
             delta = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
             ds_t = _dscores(p_t, dp_t, lax.broadcast_in_dim(delta, s_t.shape, [1]), t)
