@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
-from kernels.flash import default_block_sizes  # noqa: E402
+from llmjax import kernels  # noqa: E402
+from llmjax.kernels.flash import default_block_sizes  # noqa: E402
 
 
 def timeit(fn, *args, reps=5, min_time=0.2):
@@ -209,7 +209,7 @@ class Args:
 
 def tune_mosaic(c, peak):
     """Sweep the Mosaic GPU forward's key block and pipeline depth at T = 16384, causal and not."""
-    from kernels import common, flash_mgpu
+    from llmjax.kernels import common, flash_mgpu
 
     t, h = 16384, 2048 // c
     q, k, v, _ = make_inputs(1, t, h, h, c)
@@ -226,7 +226,7 @@ def tune_mosaic(c, peak):
 def tune_mosaic_backward(c, peak):
     """Sweep the Mosaic GPU backward's blocks (dQ key block, dK/dV query block) and stages at
     T = 16384, causal and not; TFLOP/s count the backward's 5 of fwd+bwd's 7 matmuls."""
-    from kernels import common, flash_mgpu, flash_mgpu_bwd
+    from llmjax.kernels import common, flash_mgpu, flash_mgpu_bwd
 
     t, h = 16384, 2048 // c
     q, k, v, _ = make_inputs(1, t, h, h, c)

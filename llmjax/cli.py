@@ -22,8 +22,8 @@ def _bad_input_types():
 
 def build_pretrain_config(args):
     """The recipe's config with ``--preset`` and the flag / ``--set`` overrides applied."""
+    from llmjax.recipes import pretrain
     from llmjax.train.config import override
-    from recipes import pretrain
 
     cfg = pretrain.get(args.recipe)
     if args.preset:
@@ -49,7 +49,7 @@ def cmd_pretrain(args) -> int:
     import llmjax.distributed
 
     llmjax.distributed.initialize()  # a no-op for one process; automatic on Cloud TPU
-    from recipes import pretrain
+    from llmjax.recipes import pretrain
 
     cfg = build_pretrain_config(args)
     out = Path(args.out)

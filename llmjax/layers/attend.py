@@ -86,7 +86,7 @@ def attend(
     """
     cached = decode_lengths is not None
     if impl == "pallas":
-        import kernels
+        from llmjax import kernels
 
         # With no accelerator the kernels run in Pallas interpret mode: slow, but the same code.
         interpret = jax.default_backend() == "cpu"

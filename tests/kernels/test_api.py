@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+from llmjax import kernels
 from tests.kernels import util
 
 
@@ -65,7 +65,7 @@ def test_cpu_default_is_reference_and_kernel_needs_interpret():
 
 def test_unsupported_head_dim_falls_back_with_warning(caplog):
     q, k, v, _ = util.inputs(0, 1, 16, 16, 2, 1, 48, jnp.float32)
-    with caplog.at_level(logging.WARNING, logger="kernels.flash"):
+    with caplog.at_level(logging.WARNING, logger="llmjax.kernels.flash"):
         out = kernels.flash_attention(q, k, v, interpret=True)
     assert "head_dim 48" in caplog.text
     util.assert_close(out, kernels.attention_reference(q, k, v), jnp.float32)

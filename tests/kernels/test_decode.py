@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+from llmjax import kernels
 from tests.kernels import util
 
 F32, BF16 = jnp.float32, jnp.bfloat16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
+from llmjax import kernels
 from tests.kernels import util
 
 SMALL = kernels.BlockSizes(32, 32, 16, 32)  # several blocks per axis even for short sequences
@@ -43,7 +45,7 @@ TRITON_PARAMS = [
 @pytest.mark.parametrize(("case", "dtype"), TRITON_PARAMS, ids=lambda x: getattr(x, "__name__", x))
 def test_triton_kernel_matches_reference(case, dtype):
     b, t, s, h, kv, c, opts = TRITON_CASES[case]
-    q, k, v, do = util.inputs(hash(case) % 1000, b, t, s, h, kv, c, dtype)
+    q, k, v, do = util.inputs(zlib.crc32(repr(case).encode()) % 1000, b, t, s, h, kv, c, dtype)
     util.check_flash(
         q, k, v, do, opts, implementation="pallas_triton", interpret=True, block_sizes=SMALL
     )
@@ -62,7 +64,7 @@ def test_packed_documents(dtype, window):
 
 def test_segment_block_bounds():
     """Block ranges from id ranges: exact for contiguous documents, empty when no id meets."""
-    from kernels.common import segment_block_bounds
+    from llmjax.kernels.common import segment_block_bounds
 
     ids = jnp.asarray([[0, 0, 1, 1, 1, 2, 2, 2]], jnp.int32)  # blocks of 2: 0|1|1,2|2
     kv_bounds, q_bounds = segment_block_bounds(ids, ids, 2, 2)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels
+from llmjax import kernels
 from tests.kernels import mgpu_interpret, util
 
 pytestmark = pytest.mark.skipif(

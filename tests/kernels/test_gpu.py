@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels
+from llmjax import kernels
 from tests.kernels import util
 
 pytestmark = pytest.mark.gpu

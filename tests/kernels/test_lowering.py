@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels
+from llmjax import kernels
 
 
 @contextlib.contextmanager
@@ -158,7 +158,7 @@ def test_mosaic_gpu_flash_lowers(opts, dtype, c):
 
 def test_mosaic_gpu_lowering_checks_shared_memory():
     """The check above has teeth: K/V stages that overflow shared memory fail to lower."""
-    from kernels import common, flash_mgpu
+    from llmjax.kernels import common, flash_mgpu
 
     spec = common.MaskSpec(True, None, 0, 1024, False, None, 0.0625)
     q = jnp.zeros((1, 1024, 4, 256), jnp.bfloat16)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kernels
+from llmjax import kernels
 
 # Norm-relative error bounds, from each dtype's machine epsilon. fp32: the kernel and the
 # reference sum in a different order, a few hundred ulps at most over these reductions. bf16:

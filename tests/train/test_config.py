@@ -5,10 +5,10 @@ import pytest
 
 import llmjax
 from llmjax.config import ConfigError
+from llmjax.recipes import pretrain
 from llmjax.train import override, valid_keys
 from llmjax.train.mesh import make_mesh
 from llmjax.train.optim import lr_schedule
-from recipes import pretrain
 
 
 @pytest.mark.parametrize("name", sorted(pretrain.RECIPES))

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import common, reference
-from kernels.flash import choose_implementation
+from llmjax.kernels import common, reference
+from llmjax.kernels.flash import choose_implementation
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def decode_attention(
     q_BKRC = q.reshape(b, t, kv_heads, g, c).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, c)
     q_BKRC = jnp.pad(q_BKRC, [(0, 0), (0, 0), (0, rows - t * g), (0, 0)])
     if tpu:
-        from kernels import decode_tpu
+        from llmjax.kernels import decode_tpu
 
         out = decode_tpu.decode(
             q_BKRC, k_cache, v_cache, lengths, page_table, spec, t, g, bk, interpret

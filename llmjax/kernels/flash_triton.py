@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import common
+from llmjax.kernels import common
 
 
 def _compiler_params(num_warps, num_stages, interpret):

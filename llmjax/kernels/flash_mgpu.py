@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import common
+from llmjax.kernels import common
 
 ROWS = 64  # query rows per compute warpgroup: the wgmma M tile
 COMPUTE_WGS = 2

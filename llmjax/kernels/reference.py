@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.common import MASK_VALUE
+from llmjax.kernels.common import MASK_VALUE
 
 
 def _attend(q_BTHC, k_BSKC, v_BSKC, visible_BTS, scale, soft_cap):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import common
-from kernels.decode import kv_range, zero_past_length
+from llmjax.kernels import common
+from llmjax.kernels.decode import kv_range, zero_past_length
 
 _F32 = jnp.float32
 

@@ -9,7 +9,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from kernels import common, flash_triton, reference
+from llmjax.kernels import common, flash_triton, reference
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,14 @@ def _unsupported(implementation, head_dim, dtype):
     if implementation == "pallas_mosaic_tpu" and not (head_dim == 64 or head_dim % 128 == 0):
         return f"head_dim {head_dim} (TPU tiles need 64 or a multiple of 128)"
     if implementation == "pallas_mosaic_gpu":
-        from kernels import flash_mgpu
+        from llmjax.kernels import flash_mgpu
 
         return flash_mgpu.supported(head_dim, dtype)
     return None
 
 
 def _mgpu_backward_ok(head_dim, dtype):
-    from kernels import flash_mgpu_bwd
+    from llmjax.kernels import flash_mgpu_bwd
 
     return flash_mgpu_bwd.supported(head_dim, dtype) is None
 
@@ -149,7 +149,7 @@ def _padded(plan, q, k, v, q_seg, kv_seg):
 def _kernels(plan):
     """The forward/backward kernel module; the Mosaic GPU forward pairs with Triton's backward."""
     if plan.implementation == "pallas_mosaic_tpu":
-        from kernels import flash_tpu
+        from llmjax.kernels import flash_tpu
 
         return flash_tpu
     return flash_triton
@@ -165,7 +165,7 @@ def _padded_mgpu(t_pad, s_pad, q, k, v, q_seg, kv_seg):
 
 
 def _forward_mgpu(plan, q, k, v, q_seg, kv_seg):
-    from kernels import flash_mgpu
+    from llmjax.kernels import flash_mgpu
 
     t, s = q.shape[1], k.shape[1]
     t_pad = _round_up(t, flash_mgpu.COMPUTE_WGS * flash_mgpu.ROWS)
@@ -223,7 +223,7 @@ def _flash_bwd(plan, residuals, cotangents):
 
 
 def _backward_mgpu(plan, q, k, v, q_seg, kv_seg, do, lse, delta):
-    from kernels import flash_mgpu, flash_mgpu_bwd
+    from llmjax.kernels import flash_mgpu, flash_mgpu_bwd
 
     t, s, c = q.shape[1], k.shape[1], q.shape[3]
     bk, bq = flash_mgpu_bwd.block_sizes(c)

@@ -16,7 +16,7 @@ from llmjax.data import DataConfig, TokenizerConfig, build_data
 from llmjax.inference import generate
 from llmjax.train import LoopConfig, OptimizerConfig, TrainConfig, next_token_loss, train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default() -> TrainConfig:

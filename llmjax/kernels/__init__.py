@@ -1,8 +1,8 @@
 """Pallas attention kernels (GPU and TPU) with XLA references; see docs/kernels.md."""
 
-from kernels.decode import decode_attention
-from kernels.flash import BlockSizes, flash_attention
-from kernels.reference import attention_reference, decode_reference
+from llmjax.kernels.decode import decode_attention
+from llmjax.kernels.flash import BlockSizes, flash_attention
+from llmjax.kernels.reference import attention_reference, decode_reference
 
 __all__ = [
     "BlockSizes",

@@ -36,8 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import common
-from kernels.flash_mgpu import (
+from llmjax.kernels import common
+from llmjax.kernels.flash_mgpu import (
     COMPUTE_REGS,
     COMPUTE_WGS,
     LOG2E,
