@@ -8,15 +8,6 @@ import sys
 import warnings
 from pathlib import Path
 
-
-def _bad_input_types():
-    from llmjax.checkpoint import CheckpointError
-    from llmjax.config import ConfigError
-    from llmjax.data import DataError
-
-    return (ConfigError, DataError, CheckpointError, KeyError, FileNotFoundError)
-
-
 # --- pretrain ------------------------------------------------------------------------------------
 
 
@@ -197,8 +188,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _quiet_libraries() -> None:
+    """Keep orbax's and jax's absl log lines (warnings on every read) away from users."""
+    import logging
+
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["generate"]:  # the inference package owns its flags
         from llmjax.inference.cli import main as generate_main
 
@@ -206,27 +210,33 @@ def main(argv=None) -> int:
     if argv[:1] == ["plan"]:  # its own parser: `llmjax plan --help` lists the planner's flags
         from llmjax.sharding.planner import main as plan_main
 
-        try:
-            return plan_main(argv[1:])
-        except (ValueError, KeyError) as e:
-            print(
-                f"llmjax plan: error: {e.args[0] if isinstance(e, KeyError) else e}",
-                file=sys.stderr,
-            )
-            return 2
+        return plan_main(argv[1:])
     args = parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    return args.fn(args)
+
+
+def main(argv=None) -> int:
+    """Run one command; bad input of any kind ends in one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = (
+        " ".join(["llmjax", *argv[:1]]) if argv[:1] and not argv[0].startswith("-") else "llmjax"
+    )
+    _quiet_libraries()
+    from llmjax.errors import LlmjaxError, one_line
+
     try:
-        return args.fn(args)
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         from llmjax.train import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
-            print(f"llmjax: training diverged: {e}", file=sys.stderr)
+            print(f"{command}: training diverged: {one_line(e)}", file=sys.stderr)
             return 3
-        if isinstance(e, _bad_input_types()):
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"llmjax {args.command}: error: {msg}", file=sys.stderr)
+        if isinstance(e, LlmjaxError | OSError):
+            print(f"{command}: error: {one_line(e)}", file=sys.stderr)
             return 2
         raise
 

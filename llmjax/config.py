@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import jax.numpy as jnp
 
+from llmjax.errors import ConfigError
+
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned", "none")
@@ -20,10 +22,6 @@ LAYER_KINDS = ("global", "local")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
-
-
-class ConfigError(ValueError):
-    """A configuration field has a value llmjax cannot build."""
 
 
 @dataclass(frozen=True)

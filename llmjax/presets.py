@@ -7,6 +7,7 @@ each ``-tiny`` preset keeps every architectural feature of its family at a size 
 from __future__ import annotations
 
 from llmjax.config import ModelConfig, RopeConfig
+from llmjax.errors import UnknownName
 
 _LLAMA3_ROPE = dict(kind="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192)
 
@@ -282,7 +283,7 @@ ALIASES = {"llama3-8b": "llama3.1-8b", "llama3-1b": "llama3.2-1b", "gpt2": "gpt2
 def get(name: str) -> ModelConfig:
     name = ALIASES.get(name, name)
     if name not in PRESETS:
-        raise KeyError(
+        raise UnknownName(
             f"unknown preset {name!r}; available presets: {sorted(PRESETS)} "
             f"(aliases: {sorted(ALIASES)})"
         )

@@ -22,15 +22,9 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from llmjax.errors import CheckpointError, CheckpointMismatch
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-class CheckpointMismatch(CheckpointError):
-    """A sound checkpoint written by a run with another configuration."""
 
 
 def step_dirs(directory: str | Path) -> list[int]:

@@ -17,11 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmjax.errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".py", ".md", ".rst", ".text")
-
-
-class DataError(ValueError):
-    """The training data cannot be read or is unusable; the message says which input and why."""
 
 
 @dataclass(frozen=True)

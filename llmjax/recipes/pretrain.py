@@ -13,6 +13,7 @@ from pathlib import Path
 import llmjax
 import llmjax.distributed
 from llmjax.data import DataConfig, TokenizerConfig, build_data
+from llmjax.errors import UnknownName
 from llmjax.inference import generate
 from llmjax.train import LoopConfig, OptimizerConfig, TrainConfig, next_token_loss, train
 
@@ -81,7 +82,7 @@ RECIPES = {"default": default, "tiny-shakespeare": tiny_shakespeare, "llama3.2-1
 
 def get(name: str) -> TrainConfig:
     if name not in RECIPES:
-        raise KeyError(f"unknown recipe {name!r}; recipes: {sorted(RECIPES)}")
+        raise UnknownName(f"unknown recipe {name!r}; recipes: {sorted(RECIPES)}")
     return RECIPES[name]()
 
 

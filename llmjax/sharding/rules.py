@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from jax.sharding import Mesh, PartitionSpec
 
 from llmjax import axes
+from llmjax.errors import LlmjaxError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
-class ShardingError(ValueError):
+class ShardingError(LlmjaxError, ValueError):
     """A mesh or rule table that cannot shard a parameter or batch as asked."""
 
 
