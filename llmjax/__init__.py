@@ -7,9 +7,29 @@ logits = model.apply(params, tokens)        # [B, T] int -> [B, T, V] float32
 
 from __future__ import annotations
 
+import logging as _logging
+import sys as _sys
+
 from llmjax.config import ConfigError, ModelConfig, RopeConfig
 from llmjax.models.model import KVCache, Model
 from llmjax.presets import PRESETS
+
+
+# Notices users must see (a damaged checkpoint skipped, an unlockable directory) go to stderr as
+# one line each unless the application configures logging itself.
+class _StderrHandler(_logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be redirected after import)."""
+
+    stream = property(lambda self: _sys.stderr, lambda self, value: None)
+
+
+_log = _logging.getLogger("llmjax")
+if not _log.handlers:
+    _handler = _StderrHandler()
+    _handler.setFormatter(_logging.Formatter("llmjax: %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(_logging.INFO)
+    _log.propagate = False
 
 
 def build(name_or_config: str | ModelConfig, **overrides) -> Model:

@@ -2,9 +2,11 @@
 
 from llmjax.checkpoint.load import LoadedRun, load_run
 from llmjax.checkpoint.manager import (
+    CheckpointDamaged,
     Checkpointer,
     CheckpointError,
     CheckpointMismatch,
+    checkpoint_candidates,
     read_meta,
     resolve_checkpoint,
     restore,
@@ -13,7 +15,9 @@ from llmjax.checkpoint.manager import (
 )
 
 __all__ = [
+    "CheckpointDamaged",
     "CheckpointError",
+    "checkpoint_candidates",
     "CheckpointMismatch",
     "LoadedRun",
     "Checkpointer",

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import jax
 
-from llmjax.checkpoint.manager import read_meta, resolve_checkpoint, restore
+from llmjax.checkpoint.manager import (
+    CheckpointDamaged,
+    CheckpointError,
+    checkpoint_candidates,
+    log,
+    read_meta,
+    restore,
+)
+from llmjax.errors import one_line
 
 
 @dataclass
@@ -19,18 +27,38 @@ class LoadedRun:
     step_dir: Path
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """The newest complete checkpoint under ``path`` (a run, checkpoints or step directory).
+def load_run(path: str | Path, notify=None) -> LoadedRun:
+    """The newest usable checkpoint under ``path`` (a run, checkpoints or step directory).
 
     Everything needed is in the checkpoint: the model is rebuilt from the saved config, and the
-    tokenizer is found by the hash recorded at training time (its configured path, else the
-    run's ``tokenizer/`` directory), so a mismatched tokenizer can never be paired with it.
+    tokenizer is found by the hash recorded at training time (the run's ``tokenizer/``
+    directory, else its configured path), so a mismatched tokenizer can never be paired with it.
+    A damaged newest step is reported in one line through ``notify`` (default: the ``llmjax``
+    logger) and the previous one is used; nothing is moved, since reading must not change a
+    run that may still be training. An explicit step directory never falls back.
     """
+    notify = notify or log.warning
+    candidates = checkpoint_candidates(path)
+    damaged = []
+    for step_dir in candidates:
+        try:
+            run = _load_step(step_dir)
+        except CheckpointDamaged as e:
+            damaged.append(e)
+            continue
+        for e in damaged:
+            notify(f"{one_line(e)}; using step {step_dir.name}")
+        return run
+    raise CheckpointError(
+        f"{path}: no usable checkpoint ({'; '.join(one_line(e) for e in damaged)})"
+    )
+
+
+def _load_step(step_dir: Path) -> LoadedRun:
     import llmjax
     from llmjax.data import DataError, Tokenizer
     from llmjax.train.config import model_config_from_dict
 
-    step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     cfg = meta["config"]
     model = llmjax.build(model_config_from_dict(cfg["model"]))
@@ -39,16 +67,17 @@ def load_run(path: str | Path) -> LoadedRun:
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), model.abstract_params()
     )
-    state, _ = restore(step_dir, {"params": abstract}, partial=True)
+    state, meta = restore(step_dir, {"params": abstract}, partial=True)
     run_dir = step_dir.parent.parent
-    candidates = [Path(cfg["data"]["tokenizer"])] if cfg["data"]["tokenizer"] else []
-    candidates += sorted((run_dir / "tokenizer").glob("*.model"))
+    candidates = sorted((run_dir / "tokenizer").glob("*.model"))
+    candidates += [Path(cfg["data"]["tokenizer"])] if cfg["data"]["tokenizer"] else []
     for cand in candidates:
         if cand.is_file():
             tok = Tokenizer.load(cand)
             if tok.sha256 == meta["tokenizer_sha256"]:
                 return LoadedRun(model, state["params"], meta, tok, step_dir)
     raise DataError(
-        f"the tokenizer of {step_dir} (sha256 {meta['tokenizer_sha256'][:12]}) is not in "
-        f"{run_dir / 'tokenizer'} nor at its configured path"
+        f"the tokenizer of {step_dir} (sha256 {meta['tokenizer_sha256'][:12]}) is neither in "
+        f"{run_dir / 'tokenizer'} nor at its configured path; copy the tokenizer the run was "
+        "trained with into that directory"
     )

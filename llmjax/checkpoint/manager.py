@@ -1,30 +1,44 @@
-"""Orbax checkpoints of the train state, with validation before anything is trusted.
+"""Orbax checkpoints of the train state, with proof of damage before anything is set aside.
 
-Layout: ``<dir>/<step>/state`` (the pytree) and ``<dir>/<step>/meta`` (JSON: data-iterator state,
-configs, tokenizer hash, eval loss). Orbax writes a step into a temporary directory and renames it
-when complete, so a save killed midway leaves the earlier steps as they were. What it does not
-catch is a step directory that exists but is incomplete or damaged (orbax counts a bare ``<step>``
-directory as a checkpoint): ``restore_latest`` validates each candidate, newest first, warns about
-and moves aside any it cannot restore, and falls back to the previous one.
+Layout: ``<dir>/<step>/state`` (the pytree), ``<dir>/<step>/meta`` (JSON: data-iterator state,
+configs, tokenizer hash, eval loss, a checksum per array) and ``<dir>/<step>/manifest.json`` (size
+and CRC32 of every file; see ``integrity``). Orbax writes a step into a temporary directory and
+renames it when complete, so a save killed midway leaves the earlier steps as they were.
+
+A checkpoint is *damaged* only when that is proven: files missing or incomplete, metadata that is
+not JSON, a file that differs from the manifest, an array that fails its checksum or holds NaN.
+``restore_latest`` then falls back to the previous step and moves the damaged one aside (never
+deletes it). Any other failure (a tree of another shape, too little memory, a permission error)
+is an error: it propagates with the reason and nothing is moved.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
+import json
 import logging
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from llmjax.errors import CheckpointError, CheckpointMismatch
+from llmjax.checkpoint import integrity
+from llmjax.errors import CheckpointDamaged, CheckpointError, CheckpointMismatch, one_line
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("llmjax")
+
+__all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointMismatch"]
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute against the working directory (orbax refuses relative paths)."""
+    return Path(path).expanduser().absolute()
 
 
 def step_dirs(directory: str | Path) -> list[int]:
@@ -49,8 +63,33 @@ def looks_complete(step_dir: Path) -> str | None:
     return None
 
 
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _no_space(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class Checkpointer:
-    """Saves every step it is asked to; keeps the newest ``keep_last`` plus the best eval loss."""
+    """Saves every step it is asked to; keeps the newest ``keep_last`` plus the best eval loss.
+
+    Each save is checked for disk space before anything is written, carries a checksum per array
+    in its metadata, and gets a file manifest inside the same atomic commit. A failed save
+    removes its partial directory and raises ``CheckpointError`` naming the directory and what it
+    needs; the steps saved before are untouched.
+    """
 
     def __init__(
         self,
@@ -59,7 +98,10 @@ class Checkpointer:
         keep_best: bool = True,
         async_save: bool = True,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)
+        self.async_save = async_save
+        self._pending: int | None = None  # the step whose save may still be in flight
+        self._bytes = 0
         policies = [cm.LatestN(keep_last)]
         if keep_best:
             policies.append(
@@ -72,40 +114,99 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save,
+            # Always orbax's async path: only it runs the manifest callback inside the commit.
+            # A synchronous save waits for it below.
+            enable_async_checkpointing=True,
+            async_options=ocp.options.AsyncOptions(post_finalization_callback=self._manifest),
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, state, meta: dict, eval_loss: float | None = None) -> None:
-        """Start saving ``state`` (asynchronously) as ``step``; returns once arrays are copied."""
-        metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            metrics=metrics,
-            force=True,
+    def _manifest(self) -> None:
+        """Runs on orbax's save thread after the files are final and before the commit rename."""
+        if jax.process_index() != 0 or self._pending is None:
+            return
+        step = self._pending
+        tmp = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        integrity.write_manifest(tmp[0] if tmp else self.directory / str(step))
+
+    def _failure(self, e: BaseException, step: int | None) -> CheckpointError:
+        """The one error a failed save becomes, after its partial directory is removed."""
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = step_dirs(self.directory)
+        intact = f"steps {', '.join(map(str, kept))} are intact" if kept else "no step was saved"
+        if _no_space(e):
+            free = shutil.disk_usage(self.directory).free
+            return CheckpointError(
+                f"no space left on the device of {self.directory} while saving step {step}: a "
+                f"checkpoint needs about {_size(self._bytes)} ({self._bytes} bytes) and "
+                f"{_size(free)} are free; free space or use another --out ({intact})"
+            )
+        return CheckpointError(
+            f"saving step {step} to {self.directory} failed: {one_line(e)} ({intact})"
         )
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the save in flight is committed; raise ``CheckpointError`` if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            step, self._pending = self._pending, None
+            raise self._failure(e, step) from e
+        self._pending = None
+
+    def save(self, step: int, state, meta: dict, eval_loss: float | None = None) -> None:
+        """Start saving ``state`` as ``step``; returns once arrays are copied (async)."""
+        self.wait()  # orbax waits for the previous save anyway; its failure is reported here
+        self._bytes = integrity.state_bytes(state)
+        free = shutil.disk_usage(self.directory).free
+        if free < self._bytes:
+            raise self._failure(OSError(errno.ENOSPC, "No space left on device"), step)
+        meta = {**meta, "checksums": integrity.array_checksums(state)}
+        metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+        self._pending = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                metrics=metrics,
+                force=True,
+            )
+        except Exception as e:
+            self._pending = None
+            raise self._failure(e, step) from e
+        if not self.async_save:
+            self.wait()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the last save (raising if it failed), then release orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                self._manager.close()
 
 
 def read_meta(step_dir: str | Path) -> dict:
-    """The JSON metadata of one checkpoint without touching its arrays."""
-    step_dir = Path(step_dir)
-    with ocp.CheckpointManager(
-        step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
-    ) as mgr:
-        return mgr.restore(
-            int(step_dir.name), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )["meta"]
+    """The JSON metadata of one checkpoint, without touching its arrays.
+
+    Raises ``CheckpointDamaged`` when the file is missing or not JSON.
+    """
+    path = absolute(step_dir) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointDamaged(
+            f"{path.parent.parent}: its meta/metadata file is missing"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointDamaged(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointDamaged(f"{path}: expected a JSON object")
+    return meta
 
 
 @contextlib.contextmanager
@@ -115,16 +216,21 @@ def _quiet_orphaned_reads(settle_s: float = 0.25, max_wait_s: float = 5.0):
     Orbax runs a restore on a fresh asyncio loop and closes it as soon as one read fails. The
     other tensorstore reads finish afterwards and try to wake that closed loop; each raises
     "Event loop is closed" on a tensorstore thread, which Python reports through
-    ``sys.unraisablehook``: dozens of interleaved tracebacks after the one real error. Only
-    those are swallowed (anything else goes to the previous hook), and only until the late
-    reads have settled, so the hook is the caller's again when this returns.
+    ``sys.unraisablehook``: dozens of interleaved tracebacks after the one real error. The
+    abandoned read coroutines report their own failure the same way when they are collected.
+    Only those two kinds are swallowed (anything else goes to the previous hook), and only until
+    the late reads have settled and the coroutines are collected, so the hook is the caller's
+    again when this returns.
     """
     previous = sys.unraisablehook
     last = [0.0]
 
     def hook(unraisable):
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        exc, obj = unraisable.exc_value, unraisable.object
+        code = getattr(obj, "cr_code", None)
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+            code is not None and "orbax" in code.co_filename
+        ):
             last[0] = time.monotonic()
             return
         previous(unraisable)
@@ -136,92 +242,142 @@ def _quiet_orphaned_reads(settle_s: float = 0.25, max_wait_s: float = 5.0):
         start = last[0] = time.monotonic()
         while (now := time.monotonic()) - last[0] < settle_s and now - start < max_wait_s:
             time.sleep(settle_s / 5)
+        gc.collect()
         raise
     finally:
         sys.unraisablehook = previous
 
 
-def restore(step_dir: str | Path, abstract_state, partial: bool = False) -> tuple[dict, dict]:
-    """``(state, meta)`` of one checkpoint, arrays placed as ``abstract_state``'s shardings say.
-
-    With ``partial``, ``abstract_state`` may name a subset of the saved tree (e.g. only
-    ``{"params": ...}``) and only those arrays are read: sampling from an 8B checkpoint then
-    never allocates its two Adam moments.
-    """
-    step_dir = Path(step_dir)
-    problem = looks_complete(step_dir)
-    if problem:
-        raise CheckpointError(f"{step_dir} is incomplete: {problem}")
+def _read_state(state_dir: Path, abstract_state, partial: bool):
+    """Orbax's item reader, without a manager (a read-only manager logs six warnings a read)."""
     if partial:
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_state
         )
-        state_args = ocp.args.PyTreeRestore(
+        args = ocp.args.PyTreeRestore(
             abstract_state, restore_args=restore_args, partial_restore=True
         )
-    else:
-        state_args = ocp.args.StandardRestore(abstract_state)
-    with (
-        _quiet_orphaned_reads(),
-        ocp.CheckpointManager(
-            step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True)
-        ) as mgr,
-    ):
-        out = mgr.restore(
-            int(step_dir.name),
-            args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()),
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(state_dir, args=args)
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(state_dir, abstract_state)
+
+
+def _explain(step_dir: Path, e: Exception) -> CheckpointError:
+    """A failed read is damage only if the files differ from what was written."""
+    try:
+        problem = integrity.verify_files(step_dir)
+    except FileNotFoundError:
+        return CheckpointError(
+            f"{step_dir} cannot be restored ({one_line(e)}), and it has no "
+            f"{integrity.MANIFEST} to tell damage from another cause; if its files are damaged, "
+            f"rename it to {step_dir.name}.invalid to resume from the previous step"
         )
-    return out["state"], out["meta"]
+    except OSError as oe:
+        return CheckpointError(f"{step_dir} cannot be read: {one_line(oe)}")
+    if problem:
+        return CheckpointDamaged(f"{step_dir} is damaged: {problem}")
+    return CheckpointError(
+        f"{step_dir} cannot be restored although its files are intact: {one_line(e)}"
+    )
 
 
-def restore_latest(directory: str | Path, abstract_state, check=None, quarantine: bool = True):
+def restore(
+    step_dir: str | Path, abstract_state, partial: bool = False, check=None
+) -> tuple[dict, dict]:
+    """``(state, meta)`` of one checkpoint, arrays placed as ``abstract_state``'s shardings say.
+
+    With ``partial``, ``abstract_state`` may name a subset of the saved tree (e.g. only
+    ``{"params": ...}``) and only those arrays are read: sampling from an 8B checkpoint then
+    never allocates its two Adam moments. ``check(meta)`` runs before any array is read (it may
+    raise ``CheckpointMismatch``). Raises ``CheckpointDamaged`` for proven damage and
+    ``CheckpointError`` for any other failure.
+    """
+    step_dir = absolute(step_dir)
+    problem = looks_complete(step_dir)
+    if problem:
+        raise CheckpointDamaged(f"{step_dir} is incomplete: {problem}")
+    meta = read_meta(step_dir)
+    if check is not None:
+        check(meta)
+    try:
+        with _quiet_orphaned_reads():
+            state = _read_state(step_dir / "state", abstract_state, partial)
+    except Exception as e:
+        raise _explain(step_dir, e) from e
+    integrity.verify_arrays(state, meta.get("checksums"), step_dir)
+    return state, meta
+
+
+def _quarantine(path: Path) -> Path:
+    dest = path.with_name(f"{path.name}.invalid-{int(time.time())}")
+    shutil.move(str(path), str(dest))
+    return dest
+
+
+def restore_latest(
+    directory: str | Path, abstract_state, check=None, quarantine: bool = True, notify=None
+):
     """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none.
 
-    ``check(meta)`` may raise ``CheckpointMismatch`` when a checkpoint is sound but belongs to
-    another configuration: that error propagates (nothing is moved), since falling back would
-    silently restart a run the user meant to continue. Newer step directories that are damaged
-    are moved to ``<step>.invalid-<time>`` (never deleted), so the resumed run can save those
-    step numbers again.
+    Damaged steps (``CheckpointDamaged``) are skipped, reported in one line each through
+    ``notify`` (default: the ``llmjax`` logger) and, with ``quarantine``, moved to
+    ``<step>.invalid-<time>`` (never deleted) so the resumed run can save those step numbers
+    again. Every other error propagates and nothing is moved: a checkpoint of another
+    configuration (``CheckpointMismatch`` from ``check``) or one that fails for a reason other
+    than its files must not silently restart a run the user meant to continue.
     """
-    bad = []
+    notify = notify or log.warning
+    directory = absolute(directory)
+    damaged: list[tuple[Path, CheckpointDamaged]] = []
     result = None
     for step in step_dirs(directory):
-        path = Path(directory) / str(step)
+        path = directory / str(step)
         try:
-            problem = looks_complete(path)
-            if problem:
-                raise CheckpointError(f"incomplete: {problem}")
-            meta = read_meta(path)
-            if check is not None:
-                check(meta)
-            state, meta = restore(path, abstract_state)
-        except CheckpointMismatch:
-            raise
-        except Exception as e:  # any other failure means "damaged": fall back to an older step
-            warnings.warn(
-                f"checkpoint {path} cannot be restored ({type(e).__name__}: "
-                f"{str(e)[:300]}); falling back to the previous one",
-                stacklevel=2,
-            )
-            bad.append(path)
+            state, meta = restore(path, abstract_state, check=check)
+        except CheckpointDamaged as e:
+            damaged.append((path, e))
             continue
         result = (step, state, meta)
         break
-    if quarantine:
-        for path in bad:
-            dest = path.with_name(f"{path.name}.invalid-{int(time.time())}")
-            shutil.move(str(path), str(dest))
-            log.warning("moved unusable checkpoint %s to %s", path, dest)
+    if jax.process_count() > 1:  # every process has finished reading before anything moves
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("llmjax: checkpoints verified")
+    fallback = f"resuming from step {result[0]}" if result else "no usable checkpoint is left"
+    for path, e in damaged:
+        moved = ""
+        if quarantine and jax.process_index() == 0:
+            moved = f"; moved it to {_quarantine(path).name}"
+        notify(f"{one_line(e)}{moved}; {fallback}")
     return result
 
 
+def checkpoint_candidates(path: str | Path) -> list[Path]:
+    """Step directories to load from ``path``, newest first.
+
+    ``path`` is a run directory, its ``checkpoints`` directory, or one step directory (which is
+    then the only candidate: an explicit step never falls back to another).
+    """
+    p = absolute(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"{path}: no such directory; pass a run directory written by `llmjax pretrain --out`"
+        )
+    if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists():
+        return [p]
+    for cand in (p / "checkpoints", p):
+        steps = step_dirs(cand)
+        if steps:
+            return [cand / str(s) for s in steps]
+    raise CheckpointError(
+        f"{path}: no checkpoint in it (expected <run>/checkpoints/<step>/ from `llmjax pretrain`)"
+    )
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory from either a step directory or a run's checkpoint directory."""
-    p = Path(path)
-    if p.name.isdigit() and looks_complete(p) is None:
-        return p
-    for cand in (p, p / "checkpoints"):
-        for step in step_dirs(cand):
-            if looks_complete(cand / str(step)) is None:
-                return cand / str(step)
-    raise CheckpointError(f"no complete checkpoint in {p} (expected <dir>/<step>/ from a run)")
+    """The newest complete step directory under ``path`` (see ``checkpoint_candidates``)."""
+    for cand in checkpoint_candidates(path):
+        if looks_complete(cand) is None:
+            return cand
+    raise CheckpointError(f"{path}: no complete checkpoint in it")

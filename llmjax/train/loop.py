@@ -26,6 +26,7 @@ from llmjax import distributed, sharding
 from llmjax.checkpoint import Checkpointer, CheckpointMismatch, restore_latest
 from llmjax.data import Data, PackedRows, eval_batches
 from llmjax.train import mesh as mesh_lib
+from llmjax.train import rundir
 from llmjax.train.config import TrainConfig, to_dict
 from llmjax.train.metrics import MetricsLog, Progress
 from llmjax.train.optim import lr_schedule, make_optimizer
@@ -114,7 +115,15 @@ def train(
     eval_loss_fn: LossFn | None = None,
     log=print,
 ) -> TrainResult:
-    """Run (or resume) ``config.loop.steps`` steps, writing checkpoints and metrics to ``out_dir``."""
+    """Run (or resume) ``config.loop.steps`` steps, writing checkpoints and metrics to ``out_dir``.
+
+    ``out_dir`` is held for the whole run: a second run on it raises ``RunInUse``.
+    """
+    with rundir.hold(out_dir):
+        return _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log)
+
+
+def _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log) -> TrainResult:
     loop, out = config.loop, Path(out_dir)
     mesh = mesh_lib.make_mesh(loop.mesh)
     mesh_lib.check_batch(config.data.batch_size, mesh, loop.grad_accum)
@@ -270,9 +279,13 @@ def train(
                         f"checkpoint saved to {ckpt_dir / str(step)}"
                     )
                     break
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ckpt.close()  # the error in flight is the one to report
+        raise
+    else:
+        ckpt.close()  # waits for the last save; raises if it failed, so no failed save passes
     finally:
         progress.close()
-        with contextlib.suppress(Exception):
-            ckpt.close()  # waits for the last async save: never leave one half-written
         metrics.close()
     return result

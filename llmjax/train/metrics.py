@@ -41,9 +41,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+                json.dumps(rec) for rec in _records(self.path) if rec.get("step", 0) <= resume_step
             ]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
@@ -69,11 +67,28 @@ class MetricsLog:
             self._tb.close()
 
 
+def _records(path: Path) -> list[dict]:
+    """The records of a metrics file; a line that is not a JSON object is skipped.
+
+    A run killed while writing leaves its last line torn; a metrics file must never keep the
+    run from resuming or a plot from being drawn.
+    """
+    out = []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return _records(p)
 
 
 def _duration(s: float) -> str:
