@@ -5,14 +5,15 @@ an array's data restores silently with a wrong value, while a truncated, deleted
 file makes the restore raise, as do problems that have nothing to do with the files (a relative
 path, a tree of another shape, too little memory).
 
-- **Array checksums** are computed on device at save time and stored in the step's JSON
-  metadata; every restore recomputes them. The sum is a position-weighted sum of each array's
-  bits modulo 2^32, so it detects any single flipped bit, and it depends only on the logical
-  values: a checkpoint restored onto another mesh verifies the same.
-- **The manifest** (``manifest.json`` in the step directory) lists the size and CRC32 of every
-  file. It is written by the primary process before orbax commits the step, so it is part of
-  the atomic save. It is read only when a restore fails: if every file matches, the files are
-  exactly as written and the failure is an error to report, not damage to set aside.
+Both live in the step's ``manifest.json``, written by the primary process on orbax's save thread
+before orbax commits the step, so it is part of the atomic save and costs the training thread
+only the dispatch of one jitted reduction.
+
+- **Array checksums**: a position-weighted sum of each array's bits modulo 2^32, computed on
+  device, so it detects any single flipped bit and depends only on the logical values (a
+  checkpoint restored onto another mesh verifies the same). Every restore recomputes them.
+- **File sizes and CRC32s**, read only when a restore fails: if every file matches, the files
+  are exactly as written and the failure is an error to report, not damage to set aside.
 """
 
 from __future__ import annotations
@@ -66,16 +67,26 @@ def _flat(tree) -> dict[str, object]:
     }
 
 
+def start_checksums(tree):
+    """Dispatch the checksum computation of ``tree`` (returns at once; arrays stay on device)."""
+    return _summaries(tree)[0]
+
+
+def fetch_checksums(sums) -> dict[str, str]:
+    """``{"params/embed": "9f0c31a2", ...}`` from ``start_checksums``' result (blocks)."""
+    return {k: f"{int(s):08x}" for k, s in _flat(jax.device_get(sums)).items()}
+
+
 def array_checksums(tree) -> dict[str, str]:
-    """``{"params/embed": "9f0c31a2", ...}``: one hex checksum per array of ``tree``."""
-    sums, _ = jax.device_get(_summaries(tree))
-    return {k: f"{int(s):08x}" for k, s in _flat(sums).items()}
+    """One hex checksum per array of ``tree``."""
+    return fetch_checksums(start_checksums(tree))
 
 
 def verify_arrays(tree, expected: dict[str, str] | None, where: Path) -> None:
     """Raise ``CheckpointDamaged`` if an array of a restored ``tree`` fails its saved checksum or
-    holds NaN/inf (a checkpoint is only ever saved after a finite loss). ``expected`` is None for
-    checkpoints written before checksums existed: then only finiteness is checked."""
+    holds NaN/inf (a checkpoint is only ever saved after a finite loss). ``expected`` is None
+    without a manifest (a step saved before manifests existed, or a process killed between the
+    save and the commit): then only finiteness is checked."""
     sums, finite = (_flat(t) for t in jax.device_get(_summaries(tree)))
     for key, s in sums.items():
         if expected is not None and key in expected and f"{int(s):08x}" != expected[key]:
@@ -103,15 +114,24 @@ def _files(step_dir: Path) -> list[Path]:
     )  # fmt: skip
 
 
-def write_manifest(step_dir: Path) -> None:
-    """Record size and CRC32 of every file of a finished (not yet committed) step directory."""
+def write_manifest(step_dir: Path, checksums: dict[str, str]) -> None:
+    """Record the array checksums, and size and CRC32 of every file, of a finished (not yet
+    committed) step directory."""
     files = {
         str(p.relative_to(step_dir)): [p.stat().st_size, f"{_crc32(p):08x}"]
         for p in _files(step_dir)
     }
     tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    tmp.write_text(json.dumps({"version": 1, "arrays": checksums, "files": files}, indent=1))
     os.replace(tmp, step_dir / MANIFEST)
+
+
+def saved_checksums(step_dir: Path) -> dict[str, str] | None:
+    """The array checksums recorded at save time; None without a readable manifest."""
+    try:
+        return json.loads((step_dir / MANIFEST).read_text())["arrays"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def verify_files(step_dir: Path) -> str | None:

@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state, with proof of damage before anything is set aside.
 
 Layout: ``<dir>/<step>/state`` (the pytree), ``<dir>/<step>/meta`` (JSON: data-iterator state,
-configs, tokenizer hash, eval loss, a checksum per array) and ``<dir>/<step>/manifest.json`` (size
-and CRC32 of every file; see ``integrity``). Orbax writes a step into a temporary directory and
+configs, tokenizer hash, eval loss) and ``<dir>/<step>/manifest.json`` (a checksum per array, and
+size and CRC32 of every file; see ``integrity``). Orbax writes a step into a temporary directory and
 renames it when complete, so a save killed midway leaves the earlier steps as they were.
 
 A checkpoint is *damaged* only when that is proven: files missing or incomplete, metadata that is
@@ -85,8 +85,9 @@ def _no_space(e: BaseException | None) -> bool:
 class Checkpointer:
     """Saves every step it is asked to; keeps the newest ``keep_last`` plus the best eval loss.
 
-    Each save is checked for disk space before anything is written, carries a checksum per array
-    in its metadata, and gets a file manifest inside the same atomic commit. A failed save
+    Each save is checked for disk space before anything is written and gets a manifest (array
+    checksums, file sizes and CRC32s) inside the same atomic commit, computed off the training
+    thread: the checksums are dispatched with the save and fetched on orbax's save thread. A failed save
     removes its partial directory and raises ``CheckpointError`` naming the directory and what it
     needs; the steps saved before are untouched.
     """
@@ -101,6 +102,7 @@ class Checkpointer:
         self.directory = absolute(directory)
         self.async_save = async_save
         self._pending: int | None = None  # the step whose save may still be in flight
+        self._sums = None  # its array checksums, possibly still being computed on device
         self._bytes = 0
         policies = [cm.LatestN(keep_last)]
         if keep_best:
@@ -128,7 +130,8 @@ class Checkpointer:
             return
         step = self._pending
         tmp = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
-        integrity.write_manifest(tmp[0] if tmp else self.directory / str(step))
+        step_dir = tmp[0] if tmp else self.directory / str(step)
+        integrity.write_manifest(step_dir, integrity.fetch_checksums(self._sums))
 
     def _failure(self, e: BaseException, step: int | None) -> CheckpointError:
         """The one error a failed save becomes, after its partial directory is removed."""
@@ -163,7 +166,7 @@ class Checkpointer:
         free = shutil.disk_usage(self.directory).free
         if free < self._bytes:
             raise self._failure(OSError(errno.ENOSPC, "No space left on device"), step)
-        meta = {**meta, "checksums": integrity.array_checksums(state)}
+        self._sums = integrity.start_checksums(state)  # dispatched; read on the save thread
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
         self._pending = step
         try:
@@ -305,7 +308,7 @@ def restore(
             state = _read_state(step_dir / "state", abstract_state, partial)
     except Exception as e:
         raise _explain(step_dir, e) from e
-    integrity.verify_arrays(state, meta.get("checksums"), step_dir)
+    integrity.verify_arrays(state, integrity.saved_checksums(step_dir), step_dir)
     return state, meta
 
 
