@@ -97,3 +97,37 @@ def test_a_second_run_on_one_directory_is_refused_until_the_first_dies(run_copy,
     # The kernel released the killed holder's lock: the run resumes and finishes.
     assert main(cli_args("run", steps=9)) == 0
     assert step_dirs(run_copy / "checkpoints")[0] == 9
+
+
+def test_pretrain_on_a_full_disk_stops_with_one_line_and_keeps_its_checkpoint(tmp_path):
+    """``--out`` on a 4 MiB tmpfs (in a private mount namespace): the token cache and the first
+    checkpoint fit, the second does not."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cli = f"{sys.executable} -m llmjax.cli"
+    pretrain = " ".join(cli_args(f"{mnt}/run", steps=4, extra=["--save-every", "1"]))
+    script = (
+        f"mount -t tmpfs -o size=4m tmpfs {mnt} || exit 99; "
+        f"{cli} {pretrain} 2>{tmp_path}/err; echo PRETRAIN $?; "
+        f"{cli} generate --ckpt {mnt}/run --prompt-ids 2,40 --max-new-tokens 2; echo GENERATE $?; "
+        f"ls {mnt}/run/checkpoints"
+    )
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if proc.returncode == 99:
+        pytest.skip(f"this system does not allow a private tmpfs mount: {proc.stderr.strip()}")
+    err = (tmp_path / "err").read_text()
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[")]
+    assert "PRETRAIN 2" in proc.stdout, proc.stdout + err
+    assert len(lines) == 1 and "error: no space left on the device of" in lines[0], err
+    assert "bytes) and" in lines[0] and "steps 1 are intact" in lines[0], err
+    assert "GENERATE 0" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.split("GENERATE 0")[1].split() == ["1"]  # nothing half-written beside it
