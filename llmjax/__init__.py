@@ -28,7 +28,7 @@ if not _log.handlers:
     _handler = _StderrHandler()
     _handler.setFormatter(_logging.Formatter("llmjax: %(message)s"))
     _log.addHandler(_handler)
-    _log.setLevel(_logging.INFO)
+    _log.setLevel(_logging.WARNING)
     _log.propagate = False
 
 

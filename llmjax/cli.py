@@ -1,12 +1,56 @@
-"""``llmjax`` command line: pretrain, eval, generate, export, plot, tokenizer train."""
+"""The ``llmjax`` command line: train, evaluate, sample, export, plot, plan memory, tokenizers.
+
+Every command explains itself (``llmjax COMMAND --help`` lists its options with their defaults)
+and ends bad input with one line naming the input and the fix, and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import shlex
 import sys
+import textwrap
 import warnings
 from pathlib import Path
+
+EPILOG = "Run `llmjax COMMAND --help` for a command's options; docs/training.md explains them."
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help, unless the help already says where it comes
+    from (``default: the recipe's``); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default:" in text
+            or action.required
+            or not action.option_strings
+            or action.default in (None, argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _absolute(spec: str) -> str:
+    """``spec`` (a file, directory or glob) against the working directory of this command.
+
+    The config is saved in every checkpoint and read again by ``eval`` and ``generate``, possibly
+    from another directory; a relative path would then name another file, or none.
+    """
+    return os.path.abspath(os.path.expanduser(spec))
+
 
 # --- pretrain ------------------------------------------------------------------------------------
 
@@ -21,19 +65,31 @@ def build_pretrain_config(args):
         cfg = pretrain.with_preset(cfg, args.preset)
     sets = list(args.set or [])
     flags = {
-        "data.paths": ",".join(args.data) if args.data else None,
+        "data.paths": ",".join(map(_absolute, args.data)) if args.data else None,
         "loop.steps": args.steps,
         "data.batch_size": args.batch_size,
         "data.seq_len": args.seq_len,
         "loop.save_every": args.save_every,
         "loop.log_every": args.log_every,
         "loop.mesh": args.mesh,
-        "data.tokenizer": args.tokenizer,
+        "data.tokenizer": _absolute(args.tokenizer) if args.tokenizer else None,
     }
     sets = [f"{k}={v}" for k, v in flags.items() if v is not None] + sets
     for assignment in sets:
         cfg = override(cfg, assignment)
     return cfg
+
+
+def next_steps(out: str, step: int, prompt: str) -> str:
+    """Where a finished run saved, and the commands that use it (``out`` as the user typed it)."""
+    run = shlex.quote(out)
+    saved = shlex.quote(str(Path(out) / "checkpoints" / str(step)))
+    return (
+        f"saved {saved}; next:\n"
+        f'  llmjax generate --ckpt {run} --prompt "{prompt}"\n'
+        f"  llmjax eval --ckpt {run}\n"
+        f"  llmjax export --ckpt {run} --out {shlex.quote(out.rstrip('/') + '-hf')}"
+    )
 
 
 def cmd_pretrain(args) -> int:
@@ -43,47 +99,25 @@ def cmd_pretrain(args) -> int:
     from llmjax.recipes import pretrain
 
     cfg = build_pretrain_config(args)
-    out = Path(args.out)
-    result = pretrain.run(cfg, out)
+    result = pretrain.run(cfg, args.out)
+    if result.stopped == "complete":
+        return 0
     if result.stopped != "done":
         print(f"stopped at step {result.step}; run the same command to resume", file=sys.stderr)
         return 128 + (result.signum or 15)  # the shell's convention for "killed by signal"
+    if llmjax.distributed.is_main_process():
+        # The default corpus is Python source: a prompt it can continue.
+        print(next_steps(args.out, result.step, "The " if cfg.data.paths else "def "))
     return 0
 
 
 # --- using a trained run ----------------------------------------------------------------------------------
 
 
-def cmd_eval(args) -> int:
-    import jax
+def _cmd_eval(args) -> int:
+    from llmjax.cli_eval import cmd_eval
 
-    from llmjax.checkpoint.load import load_run
-    from llmjax.data import PackedRows, read_documents, resolve_paths, tokenize_documents
-    from llmjax.train import evaluate, make_eval_step, next_token_loss
-
-    run = load_run(args.ckpt)
-    model, params, meta, tok, step_dir = (
-        run.model,
-        run.params,
-        run.meta,
-        run.tokenizer,
-        run.step_dir,
-    )
-    seq_len = args.seq_len or meta["config"]["data"]["seq_len"]
-    docs = read_documents(resolve_paths(args.data), meta["config"]["data"]["text_field"])
-    rows = PackedRows(tokenize_documents(docs, tok), seq_len)
-    loss = evaluate(
-        jax.jit(make_eval_step(next_token_loss(model))),
-        params,
-        rows,
-        args.batch_size,
-        args.max_batches,
-    )
-    print(
-        f"{step_dir}: loss {loss:.4f} perplexity {math.exp(min(loss, 700)):.3f} "
-        f"over {min(len(rows), args.batch_size * args.max_batches)} sequences of {seq_len}"
-    )
-    return 0
+    return cmd_eval(args)
 
 
 def cmd_export(args) -> int:
@@ -101,8 +135,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    import importlib.util
+
+    from llmjax.config import ConfigError
     from llmjax.train.plot import plot_run
 
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("llmjax plot needs matplotlib: pip install matplotlib")
     out = plot_run(args.dir, args.out)
     print(f"wrote {out}")
     return 0
@@ -124,66 +163,195 @@ def cmd_tokenizer_train(args) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
+RECIPE_DEFAULT = "default: the recipe's"
+CKPT_HELP = (
+    "a run directory, its checkpoints/ directory or one step directory (the newest complete "
+    "checkpoint is used)"
+)
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmjax", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
 
-    pt = sub.add_parser("pretrain", help="train a model from scratch (resumes from --out)")
-    pt.add_argument("--recipe", default="default", help="a recipe in recipes/pretrain.py")
-    pt.add_argument("--preset", help="replace the recipe's model by this preset")
-    pt.add_argument("--data", nargs="+", help="files, directories or globs (.txt, .jsonl, .py)")
-    pt.add_argument("--tokenizer", help="an existing SentencePiece .model (default: train one)")
-    pt.add_argument("--out", default="runs/pretrain", help="run directory (resumes if present)")
-    pt.add_argument("--steps", type=int)
-    pt.add_argument("--batch-size", type=int)
-    pt.add_argument("--seq-len", type=int)
-    pt.add_argument("--save-every", type=int)
-    pt.add_argument("--log-every", type=int)
-    pt.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,fsdp=-1")
+def _recipes_epilog() -> str:
+    from llmjax.recipes.pretrain import RECIPES
+
+    width = max(map(len, RECIPES)) + 4
+    lines = []
+    for name, fn in RECIPES.items():
+        summary = (fn.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        wrapped = textwrap.wrap(summary, 88 - width) or [""]
+        lines += [f"  {name:<{width - 2}}{wrapped[0]}", *(" " * width + w for w in wrapped[1:])]
+    return "recipes (--recipe):\n" + "\n".join(lines) + "\n\n" + EPILOG
+
+
+def _add_pretrain(sub) -> None:
+    from llmjax.recipes.pretrain import RECIPES
+
+    pt = sub.add_parser(
+        "pretrain",
+        help="train a model from scratch; running it again resumes from --out",
+        description="Train a recipe's model, resuming from --out when it holds a run.",
+        epilog=_recipes_epilog(),
+        formatter_class=HelpFormatter,
+    )
+    pt.add_argument(
+        "--recipe", default="default", metavar="NAME", help=f"one of {', '.join(RECIPES)}"
+    )
+    pt.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="replace the recipe's model by this model preset, e.g. llama3-tiny (default: the "
+        "recipe's model)",
+    )
+    pt.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="text files, directories or globs (.txt, .md, .py, .jsonl) (default: the recipe's; "
+        "the default recipe samples the Python standard library)",
+    )
+    pt.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="an existing SentencePiece .model (default: train one on the data, kept in "
+        "OUT/tokenizer)",
+    )
+    pt.add_argument(
+        "--out",
+        default="runs/pretrain",
+        metavar="DIR",
+        help="the run's directory (checkpoints, metrics, tokenizer); running again resumes it",
+    )
+    for flag, var, key, what in [
+        ("--steps", "N", "loop.steps", "optimizer steps in all"),
+        ("--batch-size", "B", "data.batch_size", "sequences per optimizer step, all devices"),
+        ("--seq-len", "T", "data.seq_len", "tokens per sequence"),
+        ("--save-every", "N", "loop.save_every", "steps between checkpoints"),
+        ("--log-every", "N", "loop.log_every", "steps between progress and metrics lines"),
+    ]:
+        pt.add_argument(flag, type=int, metavar=var, help=f"{what} ({key}; {RECIPE_DEFAULT})")
+    pt.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="device mesh axis sizes, e.g. data=2,fsdp=-1 (loop.mesh; default: the recipe's, "
+        "every device on data)",
+    )
     pt.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override any config field, e.g. optim.lr=1e-3 (repeatable)",
+        help="override any config field, e.g. optim.lr=1e-3 or model.remat=dots; repeatable, "
+        "applied after the flags (default: none)",
     )
     pt.set_defaults(fn=cmd_pretrain)
 
-    ev = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
-    ev.add_argument("--ckpt", required=True)
-    ev.add_argument("--data", nargs="+", required=True)
-    ev.add_argument("--seq-len", type=int)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-batches", type=int, default=50)
-    ev.set_defaults(fn=cmd_eval)
 
-    ge = sub.add_parser(
-        "generate", help="sample a continuation (see llmjax generate --help)", add_help=False
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmjax",
+        description="Train, evaluate, sample, export and size language models written in JAX.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
-    ge.set_defaults(fn=None)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pretrain(sub)
 
-    ex = sub.add_parser("export", help="write a Hugging Face directory from a checkpoint")
-    ex.add_argument("--ckpt", required=True)
-    ex.add_argument("--out", required=True)
+    ev = sub.add_parser(
+        "eval",
+        help="held-out loss and perplexity of a trained run",
+        description="Loss and perplexity of a checkpoint, on its run's held-out split or --data.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    ev.add_argument("--ckpt", required=True, metavar="DIR", help=CKPT_HELP)
+    ev.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="files, directories or globs to evaluate on (default: the run's own held-out split, "
+        "rebuilt from its saved data config)",
+    )
+    ev.add_argument(
+        "--seq-len",
+        type=positive_int,
+        metavar="T",
+        help="tokens per sequence, at most the model's max_seq_len (default: the run's)",
+    )
+    ev.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="B", help="sequences per batch"
+    )
+    ev.add_argument(
+        "--max-batches",
+        type=positive_int,
+        default=50,
+        metavar="N",
+        help="batches evaluated at most",
+    )
+    ev.set_defaults(fn=_cmd_eval)
+
+    # Its own parser owns its flags (`llmjax generate --help`); listed here for the overview.
+    sub.add_parser(
+        "generate",
+        help="sample a continuation from a run or a Hugging Face directory",
+        add_help=False,
+    ).set_defaults(fn=None)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a Hugging Face directory from a trained run",
+        description="Write config.json, model.safetensors and tokenizer.model from a checkpoint.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    ex.add_argument("--ckpt", required=True, metavar="DIR", help=CKPT_HELP)
+    ex.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
     ex.set_defaults(fn=cmd_export)
 
-    pl = sub.add_parser("plot", help="write a loss-curve PNG of a run")
-    pl.add_argument("dir")
-    pl.add_argument("--out", help="PNG path (default: DIR/loss.png)")
+    pl = sub.add_parser(
+        "plot",
+        help="draw a run's training and held-out loss curves as a PNG",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    pl.add_argument("dir", metavar="DIR", help="a run directory (holding metrics.jsonl)")
+    pl.add_argument("--out", metavar="PNG", help="image to write (default: DIR/loss.png)")
     pl.set_defaults(fn=cmd_plot)
 
-    pn = sub.add_parser("plan", help="memory per device of a training step", add_help=False)
-    pn.set_defaults(fn=None)
+    sub.add_parser(
+        "plan", help="memory per device of a training step, and what fits", add_help=False
+    ).set_defaults(fn=None)
 
-    tk = sub.add_parser("tokenizer", help="tokenizer tools")
-    tks = tk.add_subparsers(dest="tokenizer_command", required=True)
-    tt = tks.add_parser("train", help="train a SentencePiece tokenizer")
-    tt.add_argument("--data", nargs="+", required=True)
-    tt.add_argument("--vocab-size", type=int, default=1024)
-    tt.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    tt.add_argument("--max-lines", type=int, default=200_000)
-    tt.add_argument("--text-field", default="text")
-    tt.add_argument("--out", required=True)
+    tk = sub.add_parser(
+        "tokenizer",
+        help="tokenizer tools (llmjax tokenizer train)",
+        formatter_class=HelpFormatter,
+    )
+    tks = tk.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    tt = tks.add_parser(
+        "train",
+        help="train a SentencePiece tokenizer on text files",
+        description="Train a SentencePiece tokenizer as `llmjax pretrain` does, and save it.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    tt.add_argument(
+        "--data", nargs="+", required=True, metavar="PATH", help="files, directories or globs"
+    )
+    tt.add_argument(
+        "--vocab-size", type=int, default=1024, metavar="N", help="pieces, at least 300"
+    )
+    tt.add_argument(
+        "--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm"
+    )
+    tt.add_argument(
+        "--max-lines",
+        type=positive_int,
+        default=200_000,
+        metavar="N",
+        help="lines sampled for training",
+    )
+    tt.add_argument(
+        "--text-field", default="text", metavar="NAME", help="the text's field in .jsonl records"
+    )
+    tt.add_argument("--out", required=True, metavar="FILE", help="the .model file to write")
     tt.set_defaults(fn=cmd_tokenizer_train)
     return p
 
@@ -226,6 +394,10 @@ def main(argv=None) -> int:
 
     try:
         return _dispatch(argv)
+    except SystemExit as e:  # argparse's usage errors (2) and --help (0): a code, as for the rest
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        raise
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130

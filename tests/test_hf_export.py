@@ -126,7 +126,7 @@ def test_unknown_architecture_and_missing_directory(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedConfig, match="FalconForCausalLM"):
         llmjax.from_hf(path)
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(CheckpointError, match="never downloads"):
         llmjax.from_hf(tmp_path / "nope")
 
 

@@ -16,7 +16,13 @@ from llmjax.data.sources import (
     split_documents,
     stdlib_files,
 )
-from llmjax.data.tokenizer import Tokenizer, TokenizerConfig, training_lines
+from llmjax.data.tokenizer import (
+    MIN_VOCAB,
+    Tokenizer,
+    TokenizerConfig,
+    check_special_ids,
+    training_lines,
+)
 from llmjax.data.tokens import tokenize_documents
 
 
@@ -67,9 +73,19 @@ def load_documents(config: DataConfig):
 
 
 def get_tokenizer(config: DataConfig, train_docs, out_dir: str | os.PathLike) -> Tokenizer:
-    """The configured tokenizer, or one trained on ``train_docs`` and cached under ``out_dir``."""
+    """The configured tokenizer, or one trained on ``train_docs``; either is kept under ``out_dir``.
+
+    A configured tokenizer is copied into ``<out_dir>/tokenizer/`` so the run stays usable when
+    the original file moves (checkpoints find their tokenizer there by its hash).
+    """
     if config.tokenizer:
-        return Tokenizer.load(config.tokenizer)
+        tok = Tokenizer.load(config.tokenizer)
+        check_special_ids(tok)
+        path = Path(config.tokenizer)
+        copy = Path(out_dir) / "tokenizer" / f"{path.stem}-{tok.sha256[:12]}.model"
+        if not copy.exists():
+            Tokenizer(tok.proto).save(copy)
+        return tok
     tc = config.tokenizer_config
     key = hashlib.sha256(f"{corpus_hash(train_docs)}{tc}".encode()).hexdigest()[:16]
     path = Path(out_dir) / "tokenizer" / f"{tc.model_type}-{tc.vocab_size}-{key}.model"
@@ -77,6 +93,18 @@ def get_tokenizer(config: DataConfig, train_docs, out_dir: str | os.PathLike) ->
         return Tokenizer.load(path)
     lines = training_lines((d.text for d in train_docs), tc.max_lines, tc.seed)
     tok = Tokenizer.train(lines, tc)
+    if tok.vocab_size < tc.vocab_size:
+        # SentencePiece stops early when the text has too few distinct pieces; a smaller
+        # vocabulary than asked for would silently change the run, so the user chooses.
+        fix = (
+            f"add data or set --set data.tokenizer_config.vocab_size={tok.vocab_size}"
+            if tok.vocab_size >= MIN_VOCAB
+            else f"add data (a tokenizer needs at least {MIN_VOCAB} pieces)"
+        )
+        raise DataError(
+            f"the training text yields only {tok.vocab_size} tokenizer pieces, fewer than "
+            f"data.tokenizer_config.vocab_size={tc.vocab_size}; {fix}"
+        )
     tok.save(path)
     return tok
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmjax.data.text import read_text
 from llmjax.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".py", ".md", ".rst", ".text")
@@ -37,48 +38,98 @@ def resolve_paths(specs: Sequence[str]) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             files = [m for m in matches if m.is_file()]
             if not files:
-                raise DataError(f"--data {spec!r}: the pattern matches no files")
+                raise DataError(
+                    f"--data {spec!r}: the pattern matches no files; check the pattern and its "
+                    "directory"
+                )
             out.extend(files)
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            try:
+                files = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+            except OSError as e:
+                raise DataError(
+                    f"--data {spec!r}: cannot list the directory ({e}); make it readable"
+                ) from e
             if not files:
                 raise DataError(
-                    f"--data {spec!r}: the directory holds no files ending in {TEXT_SUFFIXES}"
+                    f"--data {spec!r}: the directory holds no files ending in "
+                    f"{', '.join(TEXT_SUFFIXES)}; pass other files by name or with a glob "
+                    f"such as '{p / '*.json'}'"
                 )
             out.extend(files)
         elif p.is_file():
             out.append(p)
+        elif p.exists():
+            raise DataError(f"--data {spec!r}: not a regular file or directory; pass text files")
         else:
-            raise DataError(f"--data {spec!r}: no such file or directory")
+            raise DataError(f"--data {spec!r}: no such file or directory; check the path")
     return out
 
 
+_JSON_TYPES = {list: "an array", dict: "an object", str: "a string", bool: "a boolean"}
+
+
+def _json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), "a number" if isinstance(value, int | float) else "null")
+
+
+def _jsonl_documents(path: Path, raw: str, text_field: str) -> Iterable[Document]:
+    for i, line in enumerate(raw.splitlines()):
+        if not line.strip():
+            continue
+        where = f"{path}:{i + 1}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: not valid JSON ({e.msg}); a .jsonl file holds one JSON object per "
+                "line (rename the file if it is plain text)"
+            ) from e
+        if not isinstance(rec, dict):
+            raise DataError(
+                f"{where}: {_json_type(rec)} where a JSON object belongs; write each "
+                f'line as an object such as {{"{text_field}": "..."}}'
+            )
+        if text_field not in rec:
+            keys = ", ".join(map(repr, list(rec)[:8])) or "none"
+            raise DataError(
+                f"{where}: no {text_field!r} field (its fields: {keys}); set data.text_field "
+                "to the field that holds the text"
+            )
+        text = rec[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where}: field {text_field!r} is {_json_type(text)}, not a string; "
+                "set data.text_field to a field that holds text"
+            )
+        if text:
+            yield Document(where, text)
+
+
 def read_documents(paths: Iterable[Path], text_field: str = "text") -> list[Document]:
-    """Read every file; a ``.jsonl`` file yields one document per line (its ``text_field``)."""
+    """Read every file; a ``.jsonl`` file yields one document per line (its ``text_field``).
+
+    Binary files and unreadable files raise ``DataError``; bytes that are not UTF-8 are replaced
+    by U+FFFD with a logged warning (see ``llmjax.data.text``).
+    """
+    paths = [Path(p) for p in paths]
     docs: list[Document] = []
     for path in paths:
-        try:
-            raw = path.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise DataError(f"cannot read {path}: {e}") from e
+        raw = read_text(path)
         if path.suffix == ".jsonl":
-            for i, line in enumerate(raw.splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from e
-                if not isinstance(rec, dict) or text_field not in rec:
-                    raise DataError(
-                        f"{path}:{i + 1}: no {text_field!r} field (set data.text_field)"
-                    )
-                if rec[text_field]:
-                    docs.append(Document(f"{path}:{i + 1}", str(rec[text_field])))
+            docs.extend(_jsonl_documents(path, raw, text_field))
         elif raw:
             docs.append(Document(str(path), raw))
     if not any(d.text.strip() for d in docs):
-        raise DataError("the corpus is empty: no non-blank text in " + ", ".join(map(str, paths)))
+        names = ", ".join(map(str, paths[:3])) + (
+            f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        )
+        raise DataError(
+            f"the corpus is empty: no non-blank text in {names or 'no files'}; pass files that "
+            "hold text"
+        )
     return docs
 
 

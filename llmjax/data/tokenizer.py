@@ -22,6 +22,7 @@ from llmjax.data.sources import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
+MIN_VOCAB = 300  # byte fallback alone needs 256 pieces, plus the specials and the user symbols
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,8 @@ class TokenizerConfig:
             raise DataError(
                 f"tokenizer model_type={self.model_type!r}: expected one of {MODEL_TYPES}"
             )
-        if self.vocab_size < 300:
-            # Byte fallback alone needs 256 pieces, plus the specials and the two user symbols.
-            raise DataError(f"tokenizer vocab_size={self.vocab_size}: must be at least 300")
+        if self.vocab_size < MIN_VOCAB:
+            raise DataError(f"tokenizer vocab_size={self.vocab_size}: must be at least {MIN_VOCAB}")
 
 
 class Tokenizer:
@@ -57,11 +57,21 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         p = Path(path)
         if not p.is_file():
-            raise DataError(f"tokenizer {str(p)!r}: no such file")
+            what = "is a directory" if p.is_dir() else "no such file"
+            raise DataError(f"tokenizer {str(p)!r}: {what}; give a SentencePiece .model file")
         try:
-            return cls(p.read_bytes(), str(p))
+            proto = p.read_bytes()
+        except OSError as e:
+            raise DataError(
+                f"cannot read tokenizer {str(p)!r} ({e.strerror or e}); make it readable"
+            ) from e
+        try:
+            return cls(proto, str(p))
         except RuntimeError as e:
-            raise DataError(f"tokenizer {str(p)!r} is not a SentencePiece model: {e}") from e
+            raise DataError(
+                f"tokenizer {str(p)!r} is not a SentencePiece model ({e}); give the .model file "
+                "that SentencePiece or `llmjax tokenizer train` wrote"
+            ) from e
 
     @classmethod
     def train(cls, lines: Iterable[str], config: TokenizerConfig) -> Tokenizer:
@@ -123,9 +133,45 @@ class Tokenizer:
         return self._sp.id_to_piece(int(i))
 
 
+# SentencePiece skips a training sentence longer than max_sentence_length (16384 bytes, set
+# above): at 4 bytes per character at most, a chunk of this many characters always fits.
+MAX_LINE_CHARS = 4096
+
+
+def _chunks(line: str) -> Iterator[str]:
+    """``line`` in pieces of at most ``MAX_LINE_CHARS``, cut after a space where there is one."""
+    while len(line) > MAX_LINE_CHARS:
+        cut = line.rfind(" ", MAX_LINE_CHARS // 2, MAX_LINE_CHARS) + 1 or MAX_LINE_CHARS
+        yield line[:cut]
+        line = line[cut:]
+    if line:
+        yield line
+
+
 def training_lines(texts: Iterable[str], max_lines: int, seed: int = 0) -> Iterator[str]:
-    """Lines of the corpus for tokenizer training, a deterministic sample when there are many."""
-    lines = [ln for t in texts for ln in t.split("\n") if ln]
+    """Lines of the corpus for tokenizer training, a deterministic sample when there are many.
+
+    Very long lines (minified JSON, a book without newlines) are cut into chunks SentencePiece
+    accepts. U+FFFD, which stands for bytes that were not UTF-8, is left out so it never becomes
+    a piece: such bytes are encoded through byte fallback like any unseen character.
+    """
+    lines = [c for t in texts for ln in t.replace("\ufffd", "").split("\n") for c in _chunks(ln)]
     if len(lines) > max_lines:
         lines = random.Random(seed).sample(lines, max_lines)
     return iter(lines)
+
+
+def check_special_ids(tok: Tokenizer) -> None:
+    """Refuse a SentencePiece model whose special ids are not llmjax's (pad 0, unk 1, bos 2, eos 3).
+
+    Documents are packed as ``[bos] ids [eos]`` with these ids, so another layout (Llama 2's
+    unk 0, bos 1, eos 2, say) would train on the wrong boundary tokens without any error.
+    """
+    sp = tok._sp
+    got = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+    if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        raise DataError(
+            f"tokenizer {tok.path or ''!r} has special ids pad, unk, bos, eos = {got}, llmjax "
+            f"needs {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; train one with `llmjax tokenizer train` "
+            "or leave data.tokenizer empty to train one with the run"
+        )

@@ -8,6 +8,8 @@ twice its size in host memory; every missing, unexpected or mis-shaped tensor is
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +17,12 @@ import jax
 import numpy as np
 
 from llmjax.config import ModelConfig, dtype_of
+from llmjax.errors import HFCheckpointError, LlmjaxError
 from llmjax.interop import safetensors
 from llmjax.interop.hf_config import architecture_of, config_from_hf, config_to_hf
 from llmjax.models.model import Model
 
-
-class CheckpointError(ValueError):
-    """A Hugging Face checkpoint that does not match its config."""
+CheckpointError = HFCheckpointError  # the name this module has always raised
 
 
 @dataclass(frozen=True)
@@ -164,22 +165,55 @@ def to_hf_tensor(entry: Tensor, arrays: list[np.ndarray]) -> np.ndarray:
 
 
 # Reading -------------------------------------------------------------------------------------------
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise HFCheckpointError(
+            f"cannot read {path} ({e.strerror or e}); check that it is a readable file"
+        ) from e
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise HFCheckpointError(
+            f"{path} is not valid JSON ({e}); restore the {what} from the original checkpoint"
+        ) from e
+
+
 class _Checkpoint:
     """The safetensors files of one model directory (single file or sharded with an index)."""
 
     def __init__(self, path: Path):
         index = path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {
-                f: safetensors.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))
-            }
+            data = _read_json(index, "index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise HFCheckpointError(
+                    f"{index} has no weight_map from tensor names to file names; restore the "
+                    "index from the original checkpoint"
+                )
+            names = sorted(set(weight_map.values()))
+            absent = [f for f in names if not (path / f).is_file()]
+            if absent:
+                raise HFCheckpointError(
+                    f"{index} names {len(absent)} file(s) missing from {path} "
+                    f"({', '.join(absent[:4])}{', ...' if len(absent) > 4 else ''}); download "
+                    "or copy every shard"
+                )
+            files = {f: safetensors.SafetensorsFile(path / f) for f in names}
+            for name, f in weight_map.items():
+                if name not in files[f].entries:
+                    raise HFCheckpointError(
+                        f"{index} puts tensor {name!r} in {f}, which does not hold it; the "
+                        "index and the shards come from different checkpoints"
+                    )
             self.where = {name: files[f] for name, f in weight_map.items()}
         elif (path / "model.safetensors").exists():
             single = safetensors.SafetensorsFile(path / "model.safetensors")
             self.where = {name: single for name in single.names()}
         else:
-            raise FileNotFoundError(
+            raise HFCheckpointError(
                 f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin "
                 "checkpoints are not read; convert them with transformers' save_pretrained)"
             )
@@ -221,21 +255,36 @@ def from_hf(
     ``shardings`` (a tree like the params of ``jax.sharding.Sharding``) places each tensor as it loads.
     """
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
+    if not path.is_dir():
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise HFCheckpointError(
+            f"{path} {what}; give a local Hugging Face model directory holding config.json "
+            "and safetensors (llmjax never downloads)"
+        )
+    if not (path / "config.json").is_file():
+        raise HFCheckpointError(
             f"{path}: no config.json; `path` must be a local Hugging Face model "
             "directory (llmjax never downloads)"
         )
-    hf = json.loads((path / "config.json").read_text())
-    arch = architecture_of(hf)
-    ckpt = _Checkpoint(path)
+    hf = _read_json(path / "config.json", "config")
+    if not isinstance(hf, dict):
+        raise HFCheckpointError(
+            f"{path / 'config.json'} holds a JSON {type(hf).__name__}, not an object; restore "
+            "the config from the original checkpoint"
+        )
     stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
     param_dtype = param_dtype or (
         stored if stored in ("float32", "bfloat16", "float16") else "float32"
     )
-    cfg = config_from_hf(
-        hf, param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides
-    )
+    try:
+        arch = architecture_of(hf)
+        cfg = config_from_hf(
+            hf, param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides
+        )
+    except LlmjaxError as e:
+        # The same error, naming the file: "config.json" alone is ambiguous among directories.
+        raise type(e)(f"{path / 'config.json'}: {e}") from e
+    ckpt = _Checkpoint(path)
     model = Model(cfg)
     shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
     flat_shardings = _flatten(shardings) if shardings is not None else {}
@@ -249,7 +298,8 @@ def from_hf(
         raise CheckpointError(
             f"{path} does not match its {arch} config: missing tensors "
             f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected tensors "
-            f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; use the config.json saved "
+            "with these weights"
         )
     pdt = dtype_of(param_dtype)
     flat = {}
@@ -259,7 +309,14 @@ def from_hf(
         if f.shape(entry.hf) != want:
             raise CheckpointError(
                 f"tensor {entry.hf!r} has shape {list(f.shape(entry.hf))}, expected "
-                f"{list(want)} from config.json"
+                f"{list(want)} from config.json; use the config.json saved with {f.path.name}"
+            )
+        kind = f.dtype(entry.hf)
+        if kind in safetensors.DTYPES and kind not in safetensors.FLOATS:
+            # Casting integers to float would load without error and compute wrong logits.
+            raise HFCheckpointError(
+                f"{f.path}: tensor {entry.hf!r} is stored as {kind}, but it is a "
+                "float weight; export the checkpoint in float32, bfloat16 or float16"
             )
         raw = f.get(entry.hf)
         arrays = to_llmjax(entry, raw, [shapes[p] for p in entry.paths])
@@ -274,17 +331,66 @@ def from_hf(
 
 
 # Writing -------------------------------------------------------------------------------------------
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _check_params(model: Model, params) -> dict[str, object]:
+    """The flat params, after checking every leaf against the model's config (nothing written yet)."""
+    if not isinstance(params, dict):
+        raise HFCheckpointError(
+            f"params is a {type(params).__name__}; pass the nested dict of arrays that "
+            "model.init or from_hf returns"
+        )
+    flat = _flatten(params)
+    want = {k: tuple(v.shape) for k, v in _flatten(model.abstract_params()).items()}
+    missing = sorted(set(want) - set(flat))
+    extra = sorted(set(flat) - set(want))
+    wrong = [
+        f"{k} {list(getattr(flat[k], 'shape', ()))} (expected {list(want[k])})"
+        for k in want
+        if k in flat and tuple(getattr(flat[k], "shape", ())) != want[k]
+    ]
+    problems = [
+        f"{label} {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+        for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong))
+        if names
+    ]
+    if problems:
+        raise HFCheckpointError(
+            f"params do not match the config of {model.config.name} ({'; '.join(problems)}); "
+            "pass the params of this model, as model.init or a checkpoint of the same config "
+            "gives them"
+        )
+    return flat
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def to_hf(
     model: Model, params, path, *, architecture: str | None = None, max_shard_bytes: int = 5 * 2**30
 ) -> Path:
-    """Write ``config.json`` and safetensors (sharded above ``max_shard_bytes``) to ``path``."""
+    """Write ``config.json`` and safetensors (sharded above ``max_shard_bytes``) to ``path``.
+
+    Everything is checked before the first byte is written: the config must be expressible as the
+    architecture and every parameter must have the shape the config gives it. Weight files of an
+    earlier export into the same directory that this one does not replace are removed, so
+    ``from_hf`` never reads a stale index or shard.
+    """
     cfg = model.config
     hf = config_to_hf(cfg, architecture)
     arch = hf["architectures"][0]
-    flat = _flatten(params)
-    table = tensor_table(cfg, arch)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise HFCheckpointError(
+            f"{path} is an existing file; give a directory to write the checkpoint into "
+            "(it is created if missing)"
+        )
+    flat = _check_params(model, params)
+    table = tensor_table(cfg, arch)
     pdt = np.dtype(dtype_of(cfg.param_dtype))
 
     def producer(entry):
@@ -305,18 +411,25 @@ def to_hf(
         current.append(e)
         size += nbytes
     shards.append(current)
+    path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
+        written = {"model.safetensors"}
         safetensors.write(path / "model.safetensors", shards[0], meta)
     else:
-        weight_map, total = {}, 0
+        weight_map, total, written = {}, 0, {"model.safetensors.index.json"}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             safetensors.write(path / fname, shard, meta)
+            written.add(fname)
             for name, shape, _, _ in shard:
                 weight_map[name] = fname
                 total += int(np.prod(shape)) * pdt.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(hf, indent=2))
+        _write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+    for old in path.iterdir():
+        stale = old.name in ("model.safetensors", "model.safetensors.index.json")
+        if (stale or _SHARD.fullmatch(old.name)) and old.name not in written:
+            old.unlink()
+    _write_text(path / "config.json", json.dumps(hf, indent=2))
     return path

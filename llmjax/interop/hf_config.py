@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from llmjax.config import ModelConfig, RopeConfig
+from llmjax.errors import HFCheckpointError, LlmjaxError
 
 ARCHITECTURES = (
     "GPT2LMHeadModel",
@@ -40,8 +41,28 @@ _HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_ta
 _LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(LlmjaxError, ValueError):
     """A Hugging Face config that llmjax cannot represent exactly."""
+
+
+def _need(d: dict, key: str, where: str = "", kind=int):
+    """``d[key]``, which the config must hold (a positive int unless ``kind`` says otherwise)."""
+    name = f"{where}.{key}" if where else key
+    if key not in d or d[key] is None:
+        raise HFCheckpointError(
+            f"the required field {name!r} is missing; add the model's value to config.json"
+        )
+    value = d[key]
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+        what = "a positive integer" if kind is int else "a number"
+        raise HFCheckpointError(
+            f"the field {name!r} is {value!r}, not {what}; correct it in config.json"
+        )
+    return value
 
 
 def architecture_of(hf: dict) -> str:
@@ -73,12 +94,12 @@ def _rope_from(params: dict | None, theta: float | None) -> RopeConfig:
         )
     kw = {"theta": float(theta), "kind": kind, "fraction": params.get("partial_rotary_factor", 1.0)}
     if kind != "default":
-        kw["factor"] = float(params["factor"])
+        kw["factor"] = float(_need(params, "factor", "rope_scaling", float))
     if kind in ("llama3", "yarn"):
-        kw["original_max_len"] = int(params["original_max_position_embeddings"])
+        kw["original_max_len"] = _need(params, "original_max_position_embeddings", "rope_scaling")
     if kind == "llama3":
-        kw["low_freq_factor"] = float(params["low_freq_factor"])
-        kw["high_freq_factor"] = float(params["high_freq_factor"])
+        kw["low_freq_factor"] = float(_need(params, "low_freq_factor", "rope_scaling", float))
+        kw["high_freq_factor"] = float(_need(params, "high_freq_factor", "rope_scaling", float))
     if kind == "yarn":
         if params.get("mscale") or params.get("mscale_all_dim"):
             raise UnsupportedConfig(
@@ -138,14 +159,14 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
                 "GPT-2 with scale_attn_by_inverse_layer_idx or without "
                 "scale_attn_weights is not supported"
             )
-        d = hf["n_embd"]
+        d = _need(hf, "n_embd")
         cfg = dict(
-            vocab_size=hf["vocab_size"],
+            vocab_size=_need(hf, "vocab_size"),
             d_model=d,
-            n_layers=hf["n_layer"],
-            n_heads=hf["n_head"],
+            n_layers=_need(hf, "n_layer"),
+            n_heads=_need(hf, "n_head"),
             mlp_dim=hf.get("n_inner") or 4 * d,
-            max_seq_len=hf["n_positions"],
+            max_seq_len=_need(hf, "n_positions"),
             norm="layernorm",
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             position="learned",
@@ -158,19 +179,19 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         )
         return ModelConfig(name=hf.get("_name_or_path") or "gpt2", **{**cfg, **overrides})
 
-    n_layers, n_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    n_layers, n_heads = _need(hf, "num_hidden_layers"), _need(hf, "num_attention_heads")
+    head_dim = hf.get("head_dim") or _need(hf, "hidden_size") // n_heads
     rope, local_rope = _ropes(hf)
     pattern = _layer_pattern(hf, arch, n_layers)
     gemma = arch.startswith("Gemma")
     cfg = dict(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
+        vocab_size=_need(hf, "vocab_size"),
+        d_model=_need(hf, "hidden_size"),
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=head_dim,
-        mlp_dim=hf["intermediate_size"],
+        mlp_dim=_need(hf, "intermediate_size"),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope=rope,

@@ -7,17 +7,29 @@ else (optimizer, checkpoints, metrics, evaluation) is the shared loop in ``llmja
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 from pathlib import Path
 
 import llmjax
 import llmjax.distributed
 from llmjax.data import DataConfig, TokenizerConfig, build_data
-from llmjax.errors import UnknownName
+from llmjax.errors import DataError, UnknownName
 from llmjax.inference import generate
-from llmjax.train import LoopConfig, OptimizerConfig, TrainConfig, next_token_loss, train
+from llmjax.train import (
+    LoopConfig,
+    OptimizerConfig,
+    TrainConfig,
+    TrainResult,
+    next_token_loss,
+    train,
+)
+from llmjax.train.config import to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where a checkout of the project keeps its copy; anyone else downloads it and passes --data.
+TINY_SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def default() -> TrainConfig:
@@ -45,11 +57,12 @@ def default() -> TrainConfig:
 
 
 def tiny_shakespeare() -> TrainConfig:
-    """The same model on tinyshakespeare (``data.paths`` points at a local copy)."""
+    """The same model on tinyshakespeare.txt: give it with ``--data PATH`` (nothing downloads)."""
     cfg = default()
-    path = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
     return dataclasses.replace(
-        cfg, name="tiny-shakespeare", data=dataclasses.replace(cfg.data, paths=(str(path),))
+        cfg,
+        name="tiny-shakespeare",
+        data=dataclasses.replace(cfg.data, paths=(str(TINY_SHAKESPEARE),)),
     )
 
 
@@ -82,8 +95,19 @@ RECIPES = {"default": default, "tiny-shakespeare": tiny_shakespeare, "llama3.2-1
 
 def get(name: str) -> TrainConfig:
     if name not in RECIPES:
-        raise UnknownName(f"unknown recipe {name!r}; recipes: {sorted(RECIPES)}")
+        near = difflib.get_close_matches(name, list(RECIPES), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise UnknownName(f"unknown recipe {name!r}; {hint}recipes: {', '.join(RECIPES)}")
     return RECIPES[name]()
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Refuse a recipe whose text is not on this machine, saying how to provide it."""
+    if cfg.data.paths == (str(TINY_SHAKESPEARE),) and not TINY_SHAKESPEARE.is_file():
+        raise DataError(
+            "the tiny-shakespeare recipe needs the text: download tinyshakespeare.txt and pass "
+            "--data PATH"
+        )
 
 
 def with_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
@@ -102,10 +126,70 @@ def loss(cfg: TrainConfig, model):
     return next_token_loss(model, cfg.loop.z_loss)
 
 
+def completed(cfg: TrainConfig, out_dir) -> TrainResult | None:
+    """The run in ``out_dir`` when it already reached ``loop.steps`` with this model, else None.
+
+    Read from the newest complete checkpoint's metadata alone, so finding out takes a second:
+    nothing is built, restored, compiled or sampled. A checkpoint of another model, or one whose
+    metadata cannot be read, is left to the loop, which names the difference or sets it aside.
+    """
+    from llmjax.checkpoint import read_meta, step_dirs
+    from llmjax.checkpoint.manager import looks_complete
+
+    ckpts = Path(out_dir) / "checkpoints"
+    newest = next((s for s in step_dirs(ckpts) if looks_complete(ckpts / str(s)) is None), None)
+    if newest is None or newest < cfg.loop.steps:
+        return None
+    try:
+        meta = read_meta(ckpts / str(newest))
+    except Exception:  # whatever is wrong with it, the loop's restore reports it
+        return None
+    saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(cfg.model)))
+    if any(saved.get(k) != v for k, v in now.items()):
+        return None
+    step = int(meta["step"])
+    return TrainResult(
+        step, {}, eval_loss=meta.get("eval_loss"), stopped="complete", resumed_from=step
+    )
+
+
+def loss_summary(losses: dict[int, float]) -> str:
+    """The training loss at the start and end of this process's steps, each a mean over a window.
+
+    One step's loss is a noisy sample of one batch; a mean over up to ten steps says which way
+    the run went.
+    """
+    steps = sorted(losses)
+    k = max(1, min(10, len(steps) // 2))
+
+    def window(part):
+        mean = sum(losses[s] for s in part) / len(part)
+        where = f"step {part[0]}" if len(part) == 1 else f"mean of steps {part[0]}-{part[-1]}"
+        return f"({where}) {mean:.4f}"
+
+    if len(steps) == 1:
+        return f"training loss {window(steps)}"
+    return f"training loss {window(steps[:k])} -> {window(steps[-k:])}"
+
+
 def run(cfg: TrainConfig, out_dir, log=print):
-    """Train (or resume) ``cfg`` in ``out_dir``; print the held-out perplexity and a sample."""
+    """Train (or resume) ``cfg`` in ``out_dir``; print the held-out perplexity and a sample.
+
+    A run already at ``loop.steps`` says so and returns at once (``stopped == "complete"``,
+    with an empty ``state``).
+    """
     if not llmjax.distributed.is_main_process():
         log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for the job)
+    check_data(cfg)
+    done = completed(cfg, out_dir)
+    if done is not None:
+        where = (
+            f"complete at step {done.step} (loop.steps={cfg.loop.steps})"
+            if done.step == cfg.loop.steps
+            else f"at step {done.step}, past loop.steps={cfg.loop.steps}"
+        )
+        log(f"{out_dir} is {where}; raise --steps to train further, or use a new --out")
+        return done
     model = llmjax.build(cfg.model)
     log(f"recipe {cfg.name}: {model}")
     # Process 0 trains the tokenizer and writes the token caches; the others then read them.
@@ -117,11 +201,7 @@ def run(cfg: TrainConfig, out_dir, log=print):
         cfg, model, loss(cfg, model), data, out_dir, eval_loss_fn=next_token_loss(model), log=log
     )
     if result.losses:
-        first, last = min(result.losses), max(result.losses)
-        log(
-            f"loss: step {first} {result.losses[first]:.4f} -> step {last} "
-            f"{result.losses[last]:.4f}"
-        )
+        log(loss_summary(result.losses))
     if result.eval_loss is not None:
         log(f"held-out loss {result.eval_loss:.4f}, perplexity {math.exp(result.eval_loss):.2f}")
     if cfg.loop.sample_tokens and result.stopped == "done":
@@ -131,6 +211,7 @@ def run(cfg: TrainConfig, out_dir, log=print):
         ids = generate(
             model, result.state["params"], [prompt], max_new_tokens=cfg.loop.sample_tokens,
             temperature=0.8, top_k=40, seed=cfg.loop.seed, stop_tokens=(tok.eos_id,),
+            forbidden_tokens=range(tok.vocab_size, cfg.model.vocab_size),  # padded vocabulary
         ).tokens[0]  # fmt: skip
         log("sample:\n" + tok.decode(prompt[1:] + ids))
     return result

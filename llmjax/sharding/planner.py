@@ -7,6 +7,7 @@ Activations follow a per-token model of what the backward pass keeps alive under
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -14,13 +15,22 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from llmjax import axes
-from llmjax.config import ModelConfig, dtype_of
+from llmjax.config import ConfigError, ModelConfig, dtype_of
 from llmjax.models.model import Model
 from llmjax.sharding.mesh import MeshConfig
-from llmjax.sharding.rules import BATCH_AXES, MESH_AXES, Rules, default_rules, get_rules, param_spec
+from llmjax.sharding.rules import (
+    BATCH_AXES,
+    MESH_AXES,
+    Rules,
+    ShardingError,
+    default_rules,
+    get_rules,
+    param_spec,
+)
 
 # Optimizer state in units of the parameters' bytes (AdamW keeps two moments).
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "sgd": 0, "lion": 1, "adafactor": 0}
+REMAT_ORDER = ("none", "dots", "full")  # from most activation memory to least
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,16 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
         return AbstractMesh(shape, MESH_AXES)
     except TypeError:  # older signature: a tuple of (name, size) pairs
         return AbstractMesh(tuple(zip(MESH_AXES, shape, strict=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_model(cfg: ModelConfig) -> Model:
+    """The model whose parameters ``cfg`` has; building one traces its init (seconds at 8B), and
+    re-planning asks for the same parameters many times.
+
+    Compute dtype and remat change no parameter's shape or dtype, so they are left out of the key.
+    """
+    return Model(cfg.replace(remat="none", dtype="float32"))
 
 
 def _param_bytes_per_device(model, mesh, rules: Rules) -> int:
@@ -124,24 +144,34 @@ def plan(
     if isinstance(mesh, MeshConfig):
         free = [a for a in MESH_AXES if getattr(mesh, a) == -1]
         if free:
-            raise ValueError(f"the planner needs every mesh axis size; {free} is -1")
+            raise ShardingError(
+                f"the planner needs every mesh axis size; {free[0]} is -1 (give it, e.g. "
+                f"{free[0]}=8)"
+            )
         sizes = {a: getattr(mesh, a) for a in MESH_AXES}
     else:
         sizes = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    bad = [f"{a}={n}" for a, n in sizes.items() if n < 1]
+    if bad:
+        raise ShardingError(f"mesh axis sizes must be at least 1: {', '.join(bad)}")
     rules = get_rules(rules)
     remat = remat or cfg.remat
+    if remat not in REMAT_ORDER:
+        raise ConfigError(f"remat={remat!r}: expected one of {REMAT_ORDER}")
     if optimizer not in OPTIMIZER_MOMENTS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_MOMENTS)}")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_MOMENTS)}")
+    if batch_size < 1 or seq_len < 1:
+        raise ConfigError(f"batch size {batch_size} and seq_len {seq_len} must be at least 1")
     batch_ways = math.prod(sizes[a] for a in BATCH_AXES)
     if batch_size % batch_ways:
-        raise ValueError(
-            f"batch size {batch_size} is not divisible by data x fsdp x expert = {batch_ways}"
+        raise ShardingError(
+            f"batch size {batch_size} is not divisible by data x fsdp x expert = {batch_ways}; "
+            f"use a multiple of {batch_ways} or a mesh that divides {batch_size}"
         )
-    model = Model(cfg.replace(remat=remat))
-    params = _param_bytes_per_device(model, abstract_mesh(sizes), rules)
+    params = _param_bytes_per_device(_param_model(cfg), abstract_mesh(sizes), rules)
     tp = sizes["tensor"] if "tensor" in _mesh_axes_used(rules) else 1
     tokens = batch_size // batch_ways * max(seq_len // sizes["sequence"], 1)
-    activations = activation_bytes(model.config, tokens, seq_len, tp, remat)
+    activations = activation_bytes(cfg.replace(remat=remat), tokens, seq_len, tp, remat)
     # The embedding table is gathered whole for the token lookup when it is sharded; sharded only
     # over fsdp, its gradient is also built whole before the reduce-scatter.
     table = cfg.vocab_size * cfg.d_model * np.dtype(dtype_of(cfg.param_dtype)).itemsize
@@ -165,27 +195,168 @@ def _mesh_axes_used(rules: Rules) -> set[str]:
     return used
 
 
-def main(argv=None) -> int:
-    """``llmjax plan``: bytes per device of a training step, and whether it fits."""
+def mesh_spec(sizes: dict[str, int]) -> str:
+    """``sizes`` as ``--mesh`` takes it (axes of size 1 left out)."""
+    return ",".join(f"{a}={n}" for a, n in sizes.items() if n != 1) or "data=1"
+
+
+def alternatives(
+    cfg: ModelConfig,
+    sizes: dict[str, int],
+    *,
+    batch_size: int,
+    seq_len: int,
+    rules: str | None,
+    remat: str | None,
+    optimizer: str,
+    hbm_bytes: float,
+) -> list[tuple[str, Plan]]:
+    """Changes to a plan that does not fit, each re-planned: ``(flags, plan)`` in this order.
+
+    One change at a time: more rematerialisation, bfloat16 compute, more devices on the fsdp axis
+    (the fewest that fit), a smaller global batch (the largest that fits). If none fits on its
+    own: full remat with bfloat16 together, and then with more devices or a smaller batch.
+    ``rules=None`` means the rules each mesh implies.
+    """
+    remat = remat or cfg.remat
+    ways = math.prod(sizes[a] for a in BATCH_AXES)
+
+    def replan(c, r, s=sizes, b=batch_size):
+        return plan(
+            c, s, batch_size=b, seq_len=seq_len, rules=rules or default_rules(s), remat=r,
+            optimizer=optimizer,
+        )  # fmt: skip
+
+    def more_devices(c, r):
+        """The fewest extra fsdp devices that fit, else as many as still lower the total."""
+        best, total = None, replan(c, r).total
+        for factor in (2**k for k in range(1, 11)):  # up to 1024 times the devices
+            bigger = {**sizes, "fsdp": sizes["fsdp"] * factor}
+            # The same global batch while it splits over the batch axes, else one per device.
+            split = ways * factor
+            b = batch_size if batch_size % split == 0 else -(-batch_size // split) * split
+            flags = f"--mesh {mesh_spec(bigger)}" + ("" if b == batch_size else f" --batch {b}")
+            try:
+                found = (flags, replan(c, r, s=bigger, b=b))
+            except ShardingError:  # a parameter the larger fsdp axis does not divide
+                break
+            if found[1].total > 0.95 * total:
+                break  # activations dominate: more devices no longer help
+            best, total = found, found[1].total
+            if best[1].fits(hbm_bytes):
+                break
+        return best
+
+    def smaller_batch(c, r):
+        """The largest halved global batch that fits, else the smallest the mesh can split."""
+        best, b = None, batch_size
+        while b % 2 == 0 and (b // 2) % ways == 0:
+            b //= 2
+            best = (f"--batch {b}", replan(c, r, b=b))
+            if best[1].fits(hbm_bytes):
+                break
+        return best
+
+    out = [(f"--remat {r}", replan(cfg, r)) for r in REMAT_ORDER[REMAT_ORDER.index(remat) + 1 :]]
+    bf16 = cfg.replace(dtype="bfloat16")
+    if cfg.dtype != "bfloat16":
+        out.append(("--dtype bfloat16", replan(bf16, remat)))
+    out += [found for found in (more_devices(cfg, remat), smaller_batch(cfg, remat)) if found]
+    base = ([] if remat == "full" else ["--remat full"]) + (
+        [] if cfg.dtype == "bfloat16" else ["--dtype bfloat16"]
+    )
+    if any(p.fits(hbm_bytes) for _, p in out) or not base:
+        return out
+    both = replan(bf16, "full")
+    if len(base) > 1:
+        out.append((" ".join(base), both))
+    if not both.fits(hbm_bytes):
+        for found in (more_devices(bf16, "full"), smaller_batch(bf16, "full")):
+            if found:
+                out.append((" ".join([*base, found[0]]), found[1]))
+    return out
+
+
+def parser():
+    """The flags of ``llmjax plan``."""
     import argparse
 
+    from llmjax.cli import HelpFormatter, positive_int
+
+    ap = argparse.ArgumentParser(
+        prog="llmjax plan",
+        description="Bytes per device of one training step: parameters, gradients, optimizer "
+        "state and activations. With --hbm, says whether it fits and, if not, re-plans with "
+        "more remat, bfloat16, more devices and a smaller batch to show what would.",
+        formatter_class=HelpFormatter,
+    )
+    ap.add_argument("--preset", required=True, metavar="NAME", help="model preset, e.g. llama3-8b")
+    ap.add_argument(
+        "--mesh",
+        default="data=1",
+        metavar="SPEC",
+        help="axis=size pairs over data, fsdp, expert, sequence, tensor, e.g. fsdp=8 or "
+        "fsdp=4,tensor=2",
+    )
+    ap.add_argument(
+        "--rules",
+        default=None,
+        metavar="NAME",
+        help="parallelism preset: dp, fsdp, tp, fsdp_tp or ep (default: the one the mesh implies)",
+    )
+    ap.add_argument(
+        "--batch", type=positive_int, required=True, metavar="B", help="global batch (sequences)"
+    )
+    ap.add_argument(
+        "--seq-len", type=positive_int, required=True, metavar="T", help="tokens per sequence"
+    )
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: the preset's)",
+    )
+    ap.add_argument(
+        "--param-dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype (default: the preset's)",
+    )
+    ap.add_argument(
+        "--remat",
+        default=None,
+        choices=list(REMAT_ORDER),
+        help="what the backward pass recomputes (default: the preset's)",
+    )
+    ap.add_argument(
+        "--attention-impl",
+        default=None,
+        choices=["xla", "cudnn", "pallas"],
+        help="attention kernel (default: the preset's)",
+    )
+    ap.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=sorted(OPTIMIZER_MOMENTS),
+        help="sets the optimizer state's size",
+    )
+    ap.add_argument(
+        "--hbm",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory in GiB, e.g. 80 or 95 (default: none, no verdict)",
+    )
+    return ap
+
+
+def main(argv=None) -> int:
+    """``llmjax plan``: bytes per device of a training step, whether it fits, and what would."""
     from llmjax import presets
 
-    ap = argparse.ArgumentParser(prog="llmjax plan", description=main.__doc__)
-    ap.add_argument("--preset", required=True, help="model preset, e.g. llama3-8b")
-    ap.add_argument(
-        "--mesh", default="data=1", help="axis=size pairs, e.g. fsdp=8 or fsdp=4,tensor=2"
-    )
-    ap.add_argument("--rules", default=None, help="parallelism preset (default: from the mesh)")
-    ap.add_argument("--batch", type=int, required=True, help="global batch size (sequences)")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
-    ap.add_argument("--param-dtype", default=None)
-    ap.add_argument("--remat", default=None, choices=["none", "dots", "full"])
-    ap.add_argument("--attention-impl", default=None, choices=["xla", "cudnn", "pallas"])
-    ap.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_MOMENTS))
-    ap.add_argument("--hbm", type=float, default=None, help="device memory in GiB, e.g. 80 or 95")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.hbm is not None and not args.hbm > 0:
+        raise ConfigError(f"--hbm {args.hbm}: device memory must be positive (GiB)")
     cfg = presets.get(args.preset)
     changes = {
         k: v
@@ -210,9 +381,27 @@ def main(argv=None) -> int:
         optimizer=args.optimizer,
     )
     print(
-        f"{cfg.name}: {Model(cfg).num_params():,} parameters; mesh {args.mesh} ({p.devices} devices), "
+        f"{cfg.name}: {_param_model(cfg).num_params():,} parameters; mesh {args.mesh} "
+        f"({p.devices} device{'s' if p.devices > 1 else ''}), "
         f"rules {rules}, batch {args.batch} x {args.seq_len}, remat {args.remat or cfg.remat}, "
         f"{cfg.param_dtype} params / {cfg.dtype} compute"
     )
-    print(p.table(args.hbm * 2**30 if args.hbm else None))
+    hbm = args.hbm * 2**30 if args.hbm else None
+    print(p.table(hbm))
+    if hbm and not p.fits(hbm):
+        options = alternatives(
+            cfg, sizes, batch_size=args.batch, seq_len=args.seq_len, rules=args.rules,
+            remat=args.remat, optimizer=args.optimizer, hbm_bytes=hbm,
+        )  # fmt: skip
+        if not options:
+            print(
+                "none of the changes the planner tries (more remat, bfloat16, more fsdp "
+                "devices, a smaller batch) is possible here or lowers the total"
+            )
+        else:
+            print("re-planned with each change (total per device):")
+        width = max((len(f) for f, _ in options), default=0)
+        for flags, q in options:
+            verdict = "fits" if q.fits(hbm) else "does NOT fit"
+            print(f"  {flags:<{width}}  {q.total / 2**30:>10.3f} GiB  {verdict}")
     return 0

@@ -2,17 +2,19 @@
 
 A recipe is a Python function returning one ``TrainConfig``; the command line changes it only
 through ``override(config, "section.field=value")``, which type-checks the value against the field
-and names the valid keys on a typo.
+and suggests the closest keys on a typo.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.data.pipeline import DataConfig
+from llmjax.errors import UnknownName
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -154,18 +156,88 @@ def _set(obj, path: list[str], text: str, full_key: str):
     return dataclasses.replace(obj, **{head: value})
 
 
+# Names other trainers use for a field llmjax names differently (Hugging Face, nanoGPT, optax).
+_SYNONYMS = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "num_steps": "steps",
+    "train_steps": "steps",
+    "total_steps": "steps",
+    "warmup": "warmup_steps",
+    "max_grad_norm": "clip_norm",
+    "grad_clip": "clip_norm",
+    "gradient_accumulation_steps": "grad_accum",
+    "block_size": "seq_len",
+    "context_length": "seq_len",
+    "num_layers": "n_layers",
+    "n_layer": "n_layers",
+    "num_heads": "n_heads",
+    "n_head": "n_heads",
+}
+
+
+def closest_keys(key: str, keys: list[str], n: int = 3) -> list[str]:
+    """The valid keys nearest to a mistyped ``key``, best first.
+
+    A key whose last component names a field exactly (or by another trainer's name for it) has
+    only its section missing or wrong (``lr``, ``steps``, ``optim.learning_rate``): those fields
+    are the answer. Otherwise whole dotted keys and last components are compared by similarity.
+    """
+    last = key.rsplit(".", 1)[-1]
+    last = _SYNONYMS.get(last, last)
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    section = key.rsplit(".", 1)[0] if "." in key else None
+    # The typed section first: ``tokenizer.vocab_size`` is data.tokenizer_config's, not the model's.
+    exact = sorted(leaves.get(last, []), key=lambda k: not (section and section in k))
+    if exact:  # the field exists, only its section is missing or wrong
+        return exact[:n]
+    found = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+    for name in difflib.get_close_matches(last, list(leaves), n=n, cutoff=0.75):
+        found += leaves[name]
+    if not found and len(last) > 2:  # the start of a longer name: ``warm`` -> ``warmup_steps``
+        found = [k for k in keys if k.rsplit(".", 1)[-1].startswith(last)]
+    return list(dict.fromkeys(found))[:n]
+
+
 def override(config: TrainConfig, assignment: str) -> TrainConfig:
-    """Apply one ``section.field=value``; an unknown key raises ``ConfigError`` listing valid ones."""
+    """Apply one ``section.field=value``; an unknown key raises ``ConfigError`` naming the nearest."""
+    keys = valid_keys(config)
     if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r}: expected key=value, e.g. optim.lr=1e-3")
+        key = assignment.strip()
+        fix = f"{key}=VALUE" if key in keys else "KEY=VALUE, e.g. optim.lr=1e-3"
+        raise ConfigError(f"--set {assignment!r} has no '=': write --set {fix}")
     key, text = assignment.split("=", 1)
     key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {assignment!r}: the key before '=' is empty")
     try:
         return _set(config, key.split("."), text.strip(), key)
+    except UnknownName:  # a valid key whose value names something unknown
+        raise
     except KeyError:
+        pass
+    fields = [k for k in keys if k.startswith(key + ".")]
+    if fields:
         raise ConfigError(
-            f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(config))}"
-        ) from None
+            f"config key {key!r} is a section, not a field; set one of its fields, e.g. "
+            f"{_either(fields[:3])}"
+        )
+    near = closest_keys(key, keys)
+    if near:
+        raise ConfigError(f"unknown config key {key!r}; did you mean {_either(near)}?")
+    sections = [
+        f.name for f in dataclasses.fields(config) if any(k.startswith(f.name + ".") for k in keys)
+    ]
+    raise ConfigError(
+        f"unknown config key {key!r}; keys are SECTION.FIELD with sections {', '.join(sections)} "
+        "(e.g. optim.lr, loop.steps, model.n_layers)"
+    )
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def to_dict(obj) -> dict:

@@ -9,6 +9,7 @@ from llmjax.data import (
     DataError,
     Document,
     PackedRows,
+    TokenizerConfig,
     TokenStream,
     build_data,
     eval_batches,
@@ -119,7 +120,10 @@ def test_split_is_deterministic_and_disjoint():
 def test_build_data_caches_tokens(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(3000)))
-    cfg = DataConfig(paths=(str(corpus),), seq_len=32, batch_size=4)
+    # Repetitive text yields few distinct pieces: ask for no more than it has.
+    cfg = DataConfig(
+        paths=(str(corpus),), seq_len=32, batch_size=4, tokenizer_config=TokenizerConfig(300)
+    )
     data = build_data(cfg, tmp_path / "out", model_vocab_size=2048)
     cached = sorted(p.name for p in (tmp_path / "out" / "cache").iterdir())
     assert len(cached) == 4  # tokens + offsets for train and held-out

@@ -7,6 +7,7 @@ import llmjax
 from llmjax.config import ConfigError
 from llmjax.recipes import pretrain
 from llmjax.train import override, valid_keys
+from llmjax.train.config import closest_keys
 from llmjax.train.mesh import make_mesh
 from llmjax.train.optim import lr_schedule
 
@@ -30,7 +31,9 @@ def test_overrides_are_typed_and_validated():
     assert (cfg.optim.lr, cfg.loop.keep_best, cfg.model.n_layers) == (1e-3, False, 3)
     assert cfg.data.paths == ("a.txt", "b.jsonl") and cfg.model.rope.theta == 10000.0
     assert isinstance(cfg.model.rope.theta, float)
-    with pytest.raises(ConfigError, match="valid keys: .*optim.lr"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'optim.learning_rate'; did you mean optim.lr\?$"
+    ):
         override(cfg, "optim.learning_rate=1")
     with pytest.raises(ConfigError, match="expected int"):
         override(cfg, "loop.steps=1.5")
@@ -41,6 +44,45 @@ def test_overrides_are_typed_and_validated():
     with pytest.raises(ConfigError, match="optim.schedule"):
         override(cfg, "optim.schedule=step")
     assert "model.rope.theta" in valid_keys(cfg) and "loop.z_loss" in valid_keys(cfg)
+
+
+@pytest.mark.parametrize(
+    "key, suggested",
+    [
+        ("optim.learning_rate", ["optim.lr"]),  # another trainer's name for the field
+        ("lr", ["optim.lr"]),  # the section left out
+        ("steps", ["loop.steps"]),
+        ("data.steps", ["loop.steps"]),  # the wrong section
+        ("optim.warmup", ["optim.warmup_steps"]),
+        ("loop.step", ["loop.steps"]),  # a typo: similar whole keys first
+        ("model.n_layer", ["model.n_layers"]),
+        ("tokenizer.vocab_size", ["data.tokenizer_config.vocab_size", "model.vocab_size"]),
+    ],
+)
+def test_an_unknown_key_suggests_the_closest(key, suggested):
+    cfg = pretrain.get("default")
+    assert closest_keys(key, valid_keys(cfg))[: len(suggested)] == suggested
+    with pytest.raises(ConfigError) as info:
+        override(cfg, f"{key}=1")
+    message = str(info.value)
+    assert message.startswith(f"unknown config key {key!r}; did you mean {suggested[0]}")
+    assert "valid keys" not in message and len(message) < 200  # a suggestion, not all 80 keys
+
+
+def test_unusable_overrides_say_what_to_write():
+    cfg = pretrain.get("default")
+    with pytest.raises(
+        ConfigError, match="--set 'optim.lr' has no '=': write --set optim.lr=VALUE"
+    ):
+        override(cfg, "optim.lr")
+    with pytest.raises(ConfigError, match="has no '=': write --set KEY=VALUE, e.g. optim.lr=1e-3"):
+        override(cfg, "learning-rate")
+    with pytest.raises(ConfigError, match="the key before '=' is empty"):
+        override(cfg, "=3")
+    with pytest.raises(ConfigError, match="'optim' is a section, not a field; .* optim.lr"):
+        override(cfg, "optim=3")
+    with pytest.raises(ConfigError, match="keys are SECTION.FIELD with sections model, data"):
+        override(cfg, "zzz=3")
 
 
 def test_with_preset_fits_tokenizer_and_length():

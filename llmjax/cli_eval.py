@@ -1,0 +1,69 @@
+"""``llmjax eval``: loss and perplexity of a trained run, on its own held-out split or on --data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+def heldout_rows(meta: dict, tokenizer, seq_len: int):
+    """The held-out split a run evaluated on, rebuilt from its saved data config."""
+    from llmjax.data import DataConfig, DataError, PackedRows, TokenizerConfig, tokenize_documents
+    from llmjax.data.pipeline import load_documents
+
+    saved = meta["config"]["data"]
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    fields = {k: v for k, v in saved.items() if k in known}
+    fields["paths"] = tuple(fields.get("paths", ()))
+    fields["tokenizer_config"] = TokenizerConfig(**fields.get("tokenizer_config", {}))
+    try:
+        (_, heldout), _ = load_documents(DataConfig(**fields))
+    except DataError as e:  # e.g. the training text moved, or a path saved relative elsewhere
+        raise DataError(
+            f"cannot rebuild the run's held-out split from its data config ({e}); "
+            "pass --data PATH to evaluate on other text"
+        ) from e
+    return PackedRows(tokenize_documents(heldout, tokenizer), seq_len)
+
+
+def cmd_eval(args) -> int:
+    import jax
+
+    from llmjax.checkpoint.load import load_run
+    from llmjax.config import ConfigError
+    from llmjax.data import (
+        PackedRows,
+        eval_batches,
+        read_documents,
+        resolve_paths,
+        tokenize_documents,
+    )
+    from llmjax.train import make_eval_step, next_token_loss
+
+    run = load_run(args.ckpt)
+    seq_len = args.seq_len or run.meta["config"]["data"]["seq_len"]
+    if seq_len > run.model.config.max_seq_len:
+        raise ConfigError(
+            f"--seq-len {seq_len} is beyond the model's max_seq_len="
+            f"{run.model.config.max_seq_len}; pass --seq-len {run.model.config.max_seq_len} or less"
+        )
+    if args.data:
+        docs = read_documents(resolve_paths(args.data), run.meta["config"]["data"]["text_field"])
+        rows, source = PackedRows(tokenize_documents(docs, run.tokenizer), seq_len), "--data"
+    else:
+        rows, source = heldout_rows(run.meta, run.tokenizer, seq_len), "the run's held-out split"
+    step = jax.jit(make_eval_step(next_token_loss(run.model)))
+    # Counted from the batches actually evaluated (eval_batches drops a last partial batch).
+    total = tokens = 0.0
+    sequences = 0
+    for batch in eval_batches(rows, args.batch_size, args.max_batches):
+        s, n = step(run.params, batch)
+        total, tokens = total + float(s), tokens + float(n)
+        sequences += len(batch["tokens"])
+    loss = total / max(tokens, 1.0)
+    print(
+        f"{run.step_dir}: loss {loss:.4f} perplexity {math.exp(min(loss, 700)):.3f} "
+        f"over {sequences} sequences of {seq_len} tokens ({int(tokens)} scored tokens) "
+        f"from {source}"
+    )
+    return 0
