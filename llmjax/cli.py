@@ -357,16 +357,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Keep orbax's and jax's absl log lines (warnings on every read) away from users."""
+    """Keep orbax's and jax's absl log lines away from users: warnings on every read, and the
+    tracebacks orbax's save threads log before the failure reaches llmjax, which reports it in
+    one line."""
     import logging
 
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
+        absl_logging.set_verbosity(absl_logging.FATAL)
     except ImportError:
         pass
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

@@ -212,6 +212,31 @@ def read_meta(step_dir: str | Path) -> dict:
     return meta
 
 
+def _orphaned(unraisable) -> bool:
+    """A report from an abandoned orbax read (see ``_quiet_orphaned_reads``)."""
+    exc, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        code is not None and "orbax" in code.co_filename
+    )
+
+
+_LATE_S = 60.0  # how long after a failed restore its stragglers may still report
+_late_until = [0.0]
+
+
+def _late_filter(previous):
+    """``previous``, except for stragglers of a failed restore that arrive after it returned."""
+    if getattr(previous, "llmjax_late_filter", False):
+        return previous
+
+    def hook(unraisable):
+        if not (_orphaned(unraisable) and time.monotonic() < _late_until[0]):
+            previous(unraisable)
+
+    hook.llmjax_late_filter = True
+    return hook
+
+
 @contextlib.contextmanager
 def _quiet_orphaned_reads(settle_s: float = 0.25, max_wait_s: float = 5.0):
     """Keep a failed restore from printing a traceback per array still being read.
@@ -221,19 +246,15 @@ def _quiet_orphaned_reads(settle_s: float = 0.25, max_wait_s: float = 5.0):
     "Event loop is closed" on a tensorstore thread, which Python reports through
     ``sys.unraisablehook``: dozens of interleaved tracebacks after the one real error. The
     abandoned read coroutines report their own failure the same way when they are collected.
-    Only those two kinds are swallowed (anything else goes to the previous hook), and only until
-    the late reads have settled and the coroutines are collected, so the hook is the caller's
-    again when this returns.
+    Only those two kinds are swallowed (anything else goes to the previous hook). After a
+    success the hook is the caller's again; after a failure it is the caller's behind a filter
+    that drops only such stragglers, for a minute, since a slow read can outlive the wait here.
     """
     previous = sys.unraisablehook
     last = [0.0]
 
     def hook(unraisable):
-        exc, obj = unraisable.exc_value, unraisable.object
-        code = getattr(obj, "cr_code", None)
-        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
-            code is not None and "orbax" in code.co_filename
-        ):
+        if _orphaned(unraisable):
             last[0] = time.monotonic()
             return
         previous(unraisable)
@@ -246,6 +267,8 @@ def _quiet_orphaned_reads(settle_s: float = 0.25, max_wait_s: float = 5.0):
         while (now := time.monotonic()) - last[0] < settle_s and now - start < max_wait_s:
             time.sleep(settle_s / 5)
         gc.collect()
+        _late_until[0] = time.monotonic() + _LATE_S
+        previous = _late_filter(previous)
         raise
     finally:
         sys.unraisablehook = previous

@@ -23,6 +23,7 @@ from llmjax.train import (
     TrainConfig,
     TrainResult,
     next_token_loss,
+    rundir,
     train,
 )
 from llmjax.train.config import to_dict
@@ -129,11 +130,11 @@ def loss(cfg: TrainConfig, model):
 def completed(cfg: TrainConfig, out_dir) -> TrainResult | None:
     """The run in ``out_dir`` when it already reached ``loop.steps`` with this model, else None.
 
-    Read from the newest complete checkpoint's metadata alone, so finding out takes a second:
-    nothing is built, restored, compiled or sampled. A checkpoint of another model, or one whose
+    Read from the newest complete checkpoint's metadata and its files' sizes alone, so finding
+    out takes a second: nothing is built, restored, compiled or sampled. A checkpoint of another model, or one whose
     metadata cannot be read, is left to the loop, which names the difference or sets it aside.
     """
-    from llmjax.checkpoint import read_meta, step_dirs
+    from llmjax.checkpoint import integrity, read_meta, step_dirs
     from llmjax.checkpoint.manager import looks_complete
 
     ckpts = Path(out_dir) / "checkpoints"
@@ -142,6 +143,10 @@ def completed(cfg: TrainConfig, out_dir) -> TrainResult | None:
         return None
     try:
         meta = read_meta(ckpts / str(newest))
+        if integrity.verify_files(ckpts / str(newest), contents=False):
+            return None  # a file is missing or truncated: the loop sets the step aside
+    except FileNotFoundError:  # no manifest to check against: the metadata must do
+        pass
     except Exception:  # whatever is wrong with it, the loop's restore reports it
         return None
     saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(cfg.model)))
@@ -181,6 +186,11 @@ def run(cfg: TrainConfig, out_dir, log=print):
     if not llmjax.distributed.is_main_process():
         log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for the job)
     check_data(cfg)
+    with rundir.hold(out_dir):  # a second run on out_dir is refused before it builds anything
+        return _run(cfg, out_dir, log)
+
+
+def _run(cfg: TrainConfig, out_dir, log) -> TrainResult:
     done = completed(cfg, out_dir)
     if done is not None:
         where = (

@@ -17,7 +17,7 @@ from llmjax.checkpoint import step_dirs
 from llmjax.cli import main
 from llmjax.train.metrics import read_metrics
 from tests.train.helpers import REPO, cli_args, corpus_paths
-from tests.train.test_checkpoint_damage import _data_file, _flip
+from tests.train.test_checkpoint_damage import _data_file
 
 
 @pytest.fixture
@@ -56,10 +56,13 @@ def test_a_damaged_newest_step_is_skipped_in_one_line_and_kept(run_copy, capsys)
 
 
 def test_resume_sets_a_damaged_step_aside_and_ignores_a_torn_metrics_line(run_copy, capsys):
-    _flip(_data_file(run_copy / "checkpoints" / "8"), at=0.0)
+    """The run had finished at step 8, whose data file is then truncated: the run is not
+    "complete", it resumes from step 6 and trains steps 7-8 again."""
+    data = _data_file(run_copy / "checkpoints" / "8")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with open(run_copy / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "loss": 3.1, "learn')  # killed mid-write
-    assert main(cli_args("run", steps=10)) == 0
+    assert main(cli_args("run", steps=8)) == 0
     captured = capsys.readouterr()
     assert "resumed from run/checkpoints/6 (step 6)" in captured.out
     assert [ln for ln in captured.err.splitlines() if "damaged" in ln][0].endswith(
@@ -67,7 +70,7 @@ def test_resume_sets_a_damaged_step_aside_and_ignores_a_torn_metrics_line(run_co
     )
     assert [p.name[:10] for p in (run_copy / "checkpoints").glob("8.invalid-*")] == ["8.invalid-"]
     steps = [r["step"] for r in read_metrics(run_copy) if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 10  # one record per step, none torn
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # one record per step, none torn
     for line in (run_copy / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
 
