@@ -33,6 +33,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other llmjax error (the
+    usage itself is one ``--help`` away)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -125,9 +137,16 @@ def cmd_export(args) -> int:
 
     import llmjax
     from llmjax.checkpoint.load import load_run
+    from llmjax.errors import ConfigError
 
     run = load_run(args.ckpt)
     model, params, tok, step_dir = run.model, run.params, run.tokenizer, run.step_dir
+    out, run_dir = Path(args.out).absolute(), step_dir.parent.parent
+    if out == run_dir or run_dir / "checkpoints" in (out, *out.parents):
+        raise ConfigError(
+            f"--out {args.out} is the run's own directory; export to a directory of its own, "
+            f"e.g. --out {args.ckpt.rstrip('/')}-hf"
+        )
     llmjax.to_hf(model, params, args.out)
     shutil.copy(tok.path, Path(args.out) / "tokenizer.model")
     print(f"wrote {args.out} from {step_dir}")
@@ -245,7 +264,7 @@ def _add_pretrain(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="llmjax",
         description="Train, evaluate, sample, export and size language models written in JAX.",
         epilog=EPILOG,

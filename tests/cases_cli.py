@@ -171,4 +171,14 @@ CASES = [
         "argument --batch: must be at least 1, got 0",
     ),
     Cli("plan: unknown dtype", lambda e: _plan("--dtype", "fp8"), "invalid choice: 'fp8'"),
+    Cli(
+        "export: into the run's own directory",
+        lambda e: ["export", "--ckpt", str(e.copy(e.run, "run")), "--out", str(e.tmp / "run")],
+        "is the run's own directory",
+        after=lambda e: _nothing_exported(e.tmp / "run"),
+    ),
 ]
+
+
+def _nothing_exported(run) -> None:
+    assert not (run / "config.json").exists() and not list(run.glob("*.safetensors"))

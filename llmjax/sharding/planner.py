@@ -279,11 +279,9 @@ def alternatives(
 
 def parser():
     """The flags of ``llmjax plan``."""
-    import argparse
+    from llmjax.cli import HelpFormatter, Parser, positive_int
 
-    from llmjax.cli import HelpFormatter, positive_int
-
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="llmjax plan",
         description="Bytes per device of one training step: parameters, gradients, optimizer "
         "state and activations. With --hbm, says whether it fits and, if not, re-plans with "
