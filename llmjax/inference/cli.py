@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from llmjax.inference import validate
+
 
 def load(path: str, kind: str):
     """``(model, params, tokenizer or None)`` from a run / step directory or a HF directory."""
@@ -33,57 +35,143 @@ def load(path: str, kind: str):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmjax generate", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a training run or one of its step directories")
-    src.add_argument("--hf", help="a Hugging Face model directory")
+    src.add_argument(
+        "--ckpt", help="a training run or one of its step directories (no default: this or --hf)"
+    )
+    src.add_argument("--hf", help="a Hugging Face model directory (no default: this or --ckpt)")
     text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="prompt text (needs a tokenizer)")
-    text.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    text.add_argument(
+        "--prompt", help="text, encoded by the model's tokenizer (no default: this or --prompt-ids)"
+    )
+    text.add_argument(
+        "--prompt-ids", help="comma-separated token ids, e.g. 1,5,9 (no default: this or --prompt)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=100,
+        help="at most this many new tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)"
+    )
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: off)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="keep the most likely tokens up to this mass, in (0, 1] (default: off)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        help="keep tokens at least this times as likely as the top one (default: off)",
+    )
+    p.add_argument("--repetition-penalty", type=float, help="> 0; 1 changes nothing (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--stop-ids", help="comma-separated stop ids (default: the tokenizer's eos)")
-    p.add_argument("--draft", help="draft model directory (run or HF) for speculative decoding")
-    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per verification")
-    p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument(
+        "--draft", help="draft model directory (run or HF) for speculative decoding (default: none)"
+    )
+    p.add_argument(
+        "--num-draft",
+        type=int,
+        default=4,
+        help="draft tokens per verification (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quantize", choices=("int8", "int4"), help="weight-only quantization (default: none)"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=64, help="int4 group size (default: %(default)s)"
+    )
     return p
 
 
-def _ids(text: str) -> list[int]:
-    return [int(t) for t in text.replace(" ", "").split(",") if t]
+def _ids(flag: str, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        validate.fail(flag, repr(text), "give comma-separated int token ids, e.g. 1,5,9", True)
 
 
 def _source(path: str) -> str:
     return "hf" if (Path(path) / "config.json").is_file() else "ckpt"
 
 
+_WHAT = {
+    "ckpt": "a training run (e.g. runs/pretrain) or one of its step directories",
+    "hf": "a local Hugging Face model directory",
+    "draft": "a run or Hugging Face directory of a draft model",
+}
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before a model is loaded, named as the flags spell it."""
+    validate.settings(
+        flags=True,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        num_draft=args.num_draft,
+    )
+    validate.integer("group_size", args.group_size, flags=True)
+    if args.draft and args.repetition_penalty is not None:
+        validate.fail(
+            "repetition_penalty",
+            args.repetition_penalty,
+            "speculative decoding (--draft) takes no history penalty; drop one of them",
+            True,
+        )
+    for flag in ("ckpt", "hf", "draft"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            validate.fail(flag, path, f"no such file or directory; give {_WHAT[flag]}", True)
+    if args.prompt_ids is not None and not _ids("prompt_ids", args.prompt_ids):
+        validate.fail("prompt_ids", repr(args.prompt_ids), "give at least one token id", True)
+    if args.stop_ids is not None:
+        _ids("stop_ids", args.stop_ids)
+    if args.hf and args.prompt is not None and not (Path(args.hf) / "tokenizer.model").is_file():
+        validate.fail(
+            "prompt",
+            repr(args.prompt),
+            f"{args.hf} has no tokenizer.model to encode it; give token ids with --prompt-ids",
+            True,
+        )
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    check_args(args)
     from llmjax.inference import QuantizedModel, generate, quantize, speculative_generate
 
     kind, path = ("ckpt", args.ckpt) if args.ckpt else ("hf", args.hf)
     model, params, tok = load(path, kind)
+    V = model.config.vocab_size
+    if tok is not None and tok.vocab_size > V:
+        validate.fail(
+            kind,
+            path,
+            f"its tokenizer has {tok.vocab_size} pieces but the model only {V} ids; the "
+            "tokenizer.model does not belong to this model",
+            True,
+        )
     if args.prompt is not None:
-        if tok is None:
-            print(
-                f"llmjax generate: error: {path} has no tokenizer.model; give --prompt-ids",
-                file=sys.stderr,
-            )
-            return 2
         prompt = [tok.bos_id] + tok.encode(args.prompt)
     else:
-        prompt = _ids(args.prompt_ids)
-    stops = _ids(args.stop_ids) if args.stop_ids else ([tok.eos_id] if tok else [])
+        prompt = validate.token_ids("prompt_ids", _ids("prompt_ids", args.prompt_ids), V, True)
+    if args.stop_ids:
+        stops = validate.token_ids("stop_ids", _ids("stop_ids", args.stop_ids), V, True)
+    else:
+        stops = [tok.eos_id] if tok else []
     if args.quantize:
         params = quantize(model, params, args.quantize, args.group_size)
         model = QuantizedModel(model)
     # A model's vocabulary is often padded beyond its tokenizer's: ids the tokenizer cannot
     # decode are never drawn.
-    V = model.config.vocab_size
     unused = list(range(tok.vocab_size, V)) if tok is not None and tok.vocab_size < V else None
     sampling = dict(
         forbidden_tokens=unused,
@@ -100,9 +188,6 @@ def main(argv=None) -> int:
     sys.stdout.flush()
 
     if args.draft:
-        if args.repetition_penalty is not None:
-            print("llmjax generate: error: --draft takes no --repetition-penalty", file=sys.stderr)
-            return 2
         draft, draft_params, _ = load(args.draft, _source(args.draft))
         out = speculative_generate(
             model, params, draft, draft_params, [prompt], num_draft=args.num_draft, **sampling

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.inference import validate
 from llmjax.inference.sampler import GenerationResult, generate
 
 
@@ -41,7 +42,9 @@ def best_of_n(
     ``score(tokens, logprobs)`` sees each sample's tokens and the model's log-probabilities of
     them (e.g. a reward model, a verifier, or the default mean log-probability).
     """
-    out = generate(model, params, [list(prompt)] * n, temperature=temperature, **sampling)
+    prompt = validate.one_prompt(prompt, model.config.vocab_size)
+    validate.settings(n=n)
+    out = generate(model, params, [prompt] * n, temperature=temperature, **sampling)
     scores = [float(score(t, lp)) for t, lp in zip(out.tokens, out.logprobs, strict=True)]
     best = int(np.argmax(scores))
     return BestOfN(out.tokens[best], scores[best], scores, out)
@@ -68,7 +71,9 @@ def self_consistency(
 
     Samples without an answer (``None``) do not vote; ties go to the answer seen first.
     """
-    out = generate(model, params, [list(prompt)] * n, temperature=temperature, **sampling)
+    prompt = validate.one_prompt(prompt, model.config.vocab_size)
+    validate.settings(n=n)
+    out = generate(model, params, [prompt] * n, temperature=temperature, **sampling)
     answers = [extract_answer(t) for t in out.tokens]
     votes = collections.Counter(a for a in answers if a is not None)
     answer = max(votes, key=lambda a: (votes[a], -answers.index(a))) if votes else None
@@ -106,7 +111,11 @@ def cot_decode(
     ``(start, end)`` of the answer within a branch's tokens (None: the branch has no answer and
     gets confidence -inf); by default the whole branch is the answer.
     """
-    prompt = list(prompt)
+    vocab_size = model.config.vocab_size
+    prompt = validate.one_prompt(prompt, vocab_size)
+    validate.settings(max_new_tokens=max_new_tokens)
+    validate.integer("k", k, 1, vocab_size + 1)
+    validate.token_ids("stop_tokens", stop_tokens, vocab_size)
     first = model.apply(params, jnp.asarray([prompt], jnp.int32))[0, -1]
     top = [int(t) for t in jax.lax.top_k(first, k)[1]]
     rest = generate(

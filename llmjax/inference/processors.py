@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from llmjax.inference import validate
+
 NEG_INF = -jnp.inf
 
 
@@ -44,20 +46,19 @@ class SamplingConfig:
     forbidden_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"{field}={getattr(self, field)!r}: {why}")
-
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 is greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            bad("top_k", "must be a positive int or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad("top_p", "must lie in (0, 1]")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            bad("min_p", "must lie in [0, 1]")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be positive (1 changes nothing)")
-        object.__setattr__(self, "forbidden_tokens", tuple(int(t) for t in self.forbidden_tokens))
+        validate.settings(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+        forbidden = self.forbidden_tokens
+        forbidden = (
+            [] if forbidden is None else validate.token_ids("forbidden_tokens", forbidden, None)
+        )
+        object.__setattr__(self, "forbidden_tokens", tuple(forbidden))
 
     @property
     def mode(self) -> SamplingMode:
@@ -67,9 +68,13 @@ class SamplingConfig:
         )
 
     def params(self, vocab_size: int) -> SamplingParams:
-        bad = [t for t in self.forbidden_tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"forbidden_tokens {bad} outside the vocabulary [0, {vocab_size})")
+        validate.token_ids("forbidden_tokens", self.forbidden_tokens, vocab_size)
+        if len(set(self.forbidden_tokens)) >= vocab_size:
+            validate.fail(
+                "forbidden_tokens",
+                self.forbidden_tokens,
+                f"forbids all {vocab_size} ids, so nothing can be drawn; allow at least one",
+            )
         forbidden = jnp.zeros((vocab_size,), bool)
         if self.forbidden_tokens:
             forbidden = forbidden.at[jnp.asarray(self.forbidden_tokens)].set(True)

@@ -31,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from llmjax import axes as ax
+from llmjax.errors import InputError
 
 MODES = ("int8", "int4")
 
@@ -75,7 +76,7 @@ def linear_input_axes(names: tuple) -> tuple[int, ...] | None:
 
 def quantize_tensor(w, in_axes: tuple[int, ...], mode: str, group_size: int = 64):
     if mode not in MODES:
-        raise ValueError(f"quantization mode {mode!r}: expected one of {MODES}")
+        raise InputError(f"quantization mode={mode!r}: give one of {MODES}")
     out_axes = tuple(i for i in range(w.ndim) if i not in in_axes)
     perm = tuple(in_axes) + out_axes
     I = math.prod(w.shape[i] for i in in_axes)
@@ -86,11 +87,7 @@ def quantize_tensor(w, in_axes: tuple[int, ...], mode: str, group_size: int = 64
         scale = jnp.where(scale > 0, scale, 1.0)
         q = jnp.clip(jnp.round(w2 / scale), -127, 127).astype(jnp.int8)
         return QuantizedTensor(q=q, scale=scale, bits=8, **meta)
-    if group_size % 2 or I % group_size:
-        raise ValueError(
-            f"int4 group_size={group_size} must be even and divide the input size {I} of a "
-            f"weight of shape {tuple(w.shape)}"
-        )
+    check_group_size(group_size, I, w.shape)
     w3 = w2.reshape(I // group_size, group_size, -1)
     scale = jnp.max(jnp.abs(w3), axis=1, keepdims=True) / 7.0
     scale = jnp.where(scale > 0, scale, 1.0)
@@ -100,9 +97,34 @@ def quantize_tensor(w, in_axes: tuple[int, ...], mode: str, group_size: int = 64
     return QuantizedTensor(q=packed, scale=scale, bits=4, **meta)
 
 
+def check_group_size(group_size, size: int, shape) -> None:
+    """int4 groups pack two nibbles per byte and tile a weight's input: even, and a divisor."""
+    ok = isinstance(group_size, int) and group_size > 0
+    if ok and not (group_size % 2 or size % group_size):
+        return
+    fits = [g for g in range(2, size + 1, 2) if not size % g]
+    fix = f"pick an even divisor of {size}, e.g. {([g for g in fits if g <= 64] or fits)[-1]}"
+    raise InputError(
+        f"int4 group_size={group_size!r}: must be even and divide the input size {size} of a "
+        f"weight of shape {tuple(shape)}; {fix if fits else 'use int8'}"
+    )
+
+
 def quantize(model, params, mode: str = "int8", group_size: int = 64):
     """``params`` with every linear weight replaced by a ``QuantizedTensor`` (see module doc)."""
     names = model.param_axes()
+    if mode not in MODES:
+        raise InputError(f"quantization mode={mode!r}: give one of {MODES}")
+
+    def linear(p, n):
+        if isinstance(p, dict):
+            return [w for k in p for w in linear(p[k], n[k])]
+        in_axes = linear_input_axes(tuple(n))
+        return [] if in_axes is None else [(math.prod(p.shape[i] for i in in_axes), p.shape)]
+
+    if mode == "int4":  # every weight is checked before any is quantized
+        for size, shape in linear(params, names):
+            check_group_size(group_size, size, shape)
 
     def visit(p, n):
         if isinstance(p, dict):

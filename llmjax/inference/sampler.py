@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from llmjax.inference import validate
 from llmjax.inference.processors import SamplingConfig, SamplingMode, SamplingParams, sample
 
 PAD_ID = 0  # written after a sequence finished; never part of a returned sequence
@@ -57,29 +58,57 @@ class DecodeState:
     stops_S: jax.Array  # stop ids, padded with -1
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int):
+def pad_prompts(prompts, vocab_size: int):
     """``(tokens [B, L] int32, lengths [B] int32)`` right-padded with ``PAD_ID``; validates ids."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. the bos id)")
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    tokens = np.full((len(prompts), int(lengths.max())), PAD_ID, np.int32)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = np.asarray(p, np.int64)
-    real = tokens[np.arange(tokens.shape[1])[None] < lengths[:, None]]
-    if real.min() < 0 or real.max() >= vocab_size:
-        raise ValueError(
-            f"prompt ids must lie in [0, {vocab_size}); got {real.min()}..{real.max()}"
-        )
+    batch = validate.prompt_batch(prompts, vocab_size)
+    lengths = np.asarray([len(p) for p in batch], np.int32)
+    tokens = np.full((len(batch), int(lengths.max())), PAD_ID, np.int32)
+    for b, p in enumerate(batch):
+        tokens[b, : len(p)] = p  # every id was checked to lie in [0, vocab_size): no wrap-around
     return tokens, lengths
 
 
-def check_capacity(model, cache_len: int):
-    cfg = model.config
-    if cfg.position == "learned" and cache_len > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt + new tokens need {cache_len} positions, beyond max_seq_len="
-            f"{cfg.max_seq_len} of {cfg.name!r} (learned position table)"
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked generation call: padded prompts, traced sampling values and stop ids."""
+
+    tokens: np.ndarray  # [B, L] int32
+    lengths: np.ndarray  # [B] int32
+    sp: SamplingParams
+    stops_S: jax.Array
+    key: jax.Array
+
+    @property
+    def masked(self) -> bool:
+        return bool(self.lengths.min() != self.lengths.max())
+
+
+def prepare(
+    models, prompts, sampling: SamplingConfig, *, max_new_tokens, stop_tokens, seed, extra_slots
+) -> Request:
+    """Check every argument of a generation call, in Python, before anything is compiled.
+
+    ``models`` will each hold a cache of ``L + max_new_tokens + extra_slots`` slots (the target
+    and the draft of speculative decoding); ids are checked against the first one's vocabulary.
+    """
+    validate.settings(max_new_tokens=max_new_tokens, seed=seed)
+    max_new_tokens = int(max_new_tokens)
+    vocab_size = models[0].config.vocab_size
+    tokens, lengths = pad_prompts(prompts, vocab_size)
+    if stop_tokens is None:
+        stop_tokens = ()
+    stops = validate.token_ids("stop_tokens", stop_tokens, vocab_size)
+    for m in models:
+        validate.capacity(
+            m, len(lengths), tokens.shape[1] + max_new_tokens + extra_slots, max_new_tokens
         )
+    return Request(
+        tokens,
+        lengths,
+        sampling.params(vocab_size),
+        stop_array(stops),
+        jax.random.key(seed),
+    )
 
 
 def prefill_cache(model, params, tokens_BL, lengths_B, cache_len: int, masked: bool):
@@ -208,35 +237,36 @@ def generate(
     ``QuantizedModel``.
     """
     cfg = SamplingConfig(
-        temperature=float(temperature),
+        temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
         frequency_penalty=frequency_penalty,
-        forbidden_tokens=tuple(forbidden_tokens or ()),
+        forbidden_tokens=forbidden_tokens,
     )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    tokens, lengths = pad_prompts(prompts, model.config.vocab_size)
-    check_capacity(model, tokens.shape[1] + max_new_tokens - 1)
+    # The cache holds L + max_new_tokens - 1 slots: the last token drawn is never fed back.
+    req = prepare(
+        [model], prompts, cfg, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, seed=seed,
+        extra_slots=-1,
+    )  # fmt: skip
     mode = cfg.mode
     state = prefill(
         model,
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        jax.random.key(seed),
-        cfg.params(model.config.vocab_size),
-        stop_array(stop_tokens),
+        jnp.asarray(req.tokens),
+        jnp.asarray(req.lengths),
+        req.key,
+        req.sp,
+        req.stops_S,
         mode=mode,
-        max_new=max_new_tokens,
-        masked=bool(lengths.min() != lengths.max()),
+        max_new=int(max_new_tokens),  # a numpy int would be another static key
+        masked=req.masked,
     )
     if callback is None:
         return to_result(decode_loop(model, params, state, mode=mode))
-    prev_done = np.zeros(len(prompts), bool)
-    for step in range(max_new_tokens):
+    prev_done = np.zeros(len(req.lengths), bool)
+    for step in range(int(max_new_tokens)):
         if step:
             state = decode_step(model, params, state, mode=mode)
         done = np.asarray(state.done_B)

@@ -30,16 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from llmjax.errors import InputError
+from llmjax.inference import validate
 from llmjax.inference.processors import SamplingConfig, distribution, draw
-from llmjax.inference.sampler import (
-    PAD_ID,
-    GenerationResult,
-    check_capacity,
-    pad_prompts,
-    prefill_cache,
-    stop_array,
-    to_result,
-)
+from llmjax.inference.sampler import PAD_ID, GenerationResult, prefill_cache, prepare, to_result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,36 +207,37 @@ def speculative_generate(
     tokens still under verification. The draft must share the target's tokenizer (same vocab).
     """
     if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(
-            f"draft vocab_size={draft.config.vocab_size} differs from the target's "
-            f"{target.config.vocab_size}: the models must share one tokenizer"
+        raise InputError(
+            f"draft has vocab_size={draft.config.vocab_size} but the target has "
+            f"{target.config.vocab_size}; give a draft that shares the target's tokenizer"
         )
-    if num_draft < 1 or max_new_tokens < 1:
-        raise ValueError("num_draft and max_new_tokens must be at least 1")
+    validate.settings(num_draft=num_draft)
     cfg = SamplingConfig(
-        temperature=float(temperature),
+        temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
-        forbidden_tokens=tuple(forbidden_tokens or ()),
+        forbidden_tokens=forbidden_tokens,
     )
-    tokens, lengths = pad_prompts(prompts, target.config.vocab_size)
-    for m in (target, draft):
-        check_capacity(m, tokens.shape[1] + max_new_tokens + num_draft)
+    # Both caches also hold the k drafts of the last iteration, fed beyond the final length.
+    req = prepare(
+        [target, draft], prompts, cfg, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+        seed=seed, extra_slots=num_draft,
+    )  # fmt: skip
     state = _run(
         target,
         target_params,
         draft,
         draft_params,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        jax.random.key(seed),
-        cfg.params(target.config.vocab_size),
-        stop_array(stop_tokens),
+        jnp.asarray(req.tokens),
+        jnp.asarray(req.lengths),
+        req.key,
+        req.sp,
+        req.stops_S,
         mode=cfg.mode,
-        k=num_draft,
-        max_new=max_new_tokens,
-        masked=bool(lengths.min() != lengths.max()),
+        k=int(num_draft),
+        max_new=int(max_new_tokens),
+        masked=req.masked,
     )
     base = to_result(state)  # the speculative state carries the sampler's output fields
     return SpeculativeResult(

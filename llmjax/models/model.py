@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx, struct
 
 from llmjax.config import ModelConfig, dtype_of
+from llmjax.errors import InputError
 from llmjax.models.transformer import MaskContext, Transformer
 
 
@@ -38,6 +39,98 @@ class KVCache:
 
     def __getitem__(self, layer):
         return self.k[layer], self.v[layer]
+
+
+def _is_int(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.integer)
+
+
+def _desc(x) -> str:
+    return f"{x.dtype}{list(x.shape)}"
+
+
+def _check_tokens(cfg, tokens):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not _is_int(tokens):
+        if tokens.ndim == 1:
+            fix = "add a batch axis: tokens[None]"
+        elif tokens.ndim != 2:
+            fix = "give one row of ids per sequence"
+        else:
+            fix = "cast them: tokens.astype(jnp.int32)"
+        raise InputError(f"tokens must be an int array [batch, length], got {_desc(tokens)}; {fix}")
+    ids = _host(tokens)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise InputError(
+            f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size of "
+            f"{cfg.name!r}); got min {ids.min()}, max {ids.max()}"
+        )
+    return tokens
+
+
+def _check_logit_index(logit_index, B: int, T: int):
+    if logit_index is None:
+        return None
+    logit_index = jnp.asarray(logit_index)
+    if logit_index.ndim != 2 or logit_index.shape[0] != B or not _is_int(logit_index):
+        raise InputError(
+            f"logit_index must be int [batch={B}, N] (indices into the {T} tokens); got "
+            f"{_desc(logit_index)}"
+        )
+    index = _host(logit_index)
+    if index is not None and index.size and (index.min() < 0 or index.max() >= T):
+        raise InputError(
+            f"logit_index must lie in [0, {T}) (the tokens' length); got min {index.min()}, "
+            f"max {index.max()}"
+        )
+    return logit_index.astype(jnp.int32)
+
+
+def _like_tokens(name, x, shape, kind):
+    """``x`` as an array of ``shape`` (the tokens' ``[B, T]``) and ``kind``, or an InputError.
+
+    Shapes and dtypes are static, so this raises under ``jax.jit`` too, at trace time.
+    """
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if x.shape != shape:
+        raise InputError(
+            f"{name} must have the tokens' shape [batch, length] = {list(shape)}; got "
+            f"{_desc(x)}: give one value per token"
+        )
+    if not (_is_int(x) or (kind == "bool or int" and x.dtype == jnp.bool_)):
+        cast = "bool" if kind == "bool or int" else "jnp.int32"
+        raise InputError(f"{name} must be {kind}, got {_desc(x)}; cast it: {name}.astype({cast})")
+    return x
+
+
+def _check_cache(cfg, cache, B: int) -> None:
+    """A cache built for this model and this batch: layer count, head layout and batch size."""
+    if not isinstance(cache, KVCache):
+        raise InputError(
+            f"cache must be a KVCache from model.init_cache(batch_size, max_len); got "
+            f"{type(cache).__name__}"
+        )
+    fix = f"build it with this model's init_cache({B}, max_len)"
+    if len(cache.k) != cfg.n_layers or len(cache.v) != cfg.n_layers:
+        raise InputError(
+            f"cache has {len(cache.k)} layers but {cfg.name!r} has n_layers={cfg.n_layers}; {fix}"
+        )
+    S = cache.max_len
+    kv = (
+        (B, cfg.resolved_kv_heads, S, cfg.resolved_head_dim),
+        "[batch, kv_heads, max_len, head_dim]",
+    )
+    parts = [(f"cache.{n}[{i}]", x, *kv) for n in "kv" for i, x in enumerate(getattr(cache, n))]
+    parts.append(("cache.seg_BS", cache.seg_BS, (B, S), "[batch, max_len]"))
+    parts.append(("cache.length_B", cache.length_B, (B,), "[batch]"))
+    for name, x, expected, layout in parts:
+        if tuple(x.shape) != expected:
+            raise InputError(
+                f"{name} has shape {list(x.shape)}, expected {list(expected)} {layout} for "
+                f"{cfg.name!r} and tokens of batch {B}; {fix}"
+            )
 
 
 def _host(x):
@@ -91,30 +184,25 @@ class Model:
         ``positions`` (RoPE or learned positions) default to each token's slot. ``segment_ids`` keep
         packed documents from attending to each other; ``attention_mask`` (1 real, 0 padding) hides
         padded keys. ``logit_index`` (int ``[B, N]``, indices into T) computes logits ``[B, N, V]``
-        at those tokens only: a prefill needs one row, not T times the vocabulary. Under
-        ``jax.jit`` out-of-range ids cannot raise: they give NaN logits.
+        at those tokens only: a prefill needs one row, not T times the vocabulary.
+
+        Inputs of the wrong shape or dtype, and a ``cache`` built for another batch size or model,
+        raise ``InputError`` naming the argument, also under ``jax.jit`` (shapes are static). Values
+        (ids, positions, indices, cache room) are checked only on concrete arrays: under
+        ``jax.jit`` out-of-range ids cannot raise, they give NaN logits.
         """
         cfg = self.config
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                f"tokens must be an int array [batch, length], got {tokens.dtype}"
-                f"{list(tokens.shape)}"
-            )
+        tokens = _check_tokens(cfg, tokens)
         B, T = tokens.shape
-        ids = _host(tokens)
-        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size of "
-                f"{cfg.name!r}); got min {ids.min()}, max {ids.max()}"
-            )
-        seg = (
-            jnp.ones((B, T), jnp.int32)
-            if segment_ids is None
-            else jnp.asarray(segment_ids, jnp.int32)
-        )
+        positions = _like_tokens("positions", positions, (B, T), "int")
+        segment_ids = _like_tokens("segment_ids", segment_ids, (B, T), "int")
+        attention_mask = _like_tokens("attention_mask", attention_mask, (B, T), "bool or int")
+        logit_index = _check_logit_index(logit_index, B, T)
+        if cache is not None:
+            _check_cache(cfg, cache, B)
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         if attention_mask is not None:
-            seg = jnp.where(jnp.asarray(attention_mask).astype(bool), seg, 0)
+            seg = jnp.where(attention_mask.astype(bool), seg, 0)
         packed = segment_ids is not None or attention_mask is not None
         arange = jnp.arange(T, dtype=jnp.int32)[None, :]
         if cache is None:
@@ -124,7 +212,7 @@ class Model:
             start = cache.length_B
             used = _host(start)
             if used is not None and used.max() + T > cache.max_len:
-                raise ValueError(
+                raise InputError(
                     f"KV cache overflow: {used.max()} slots used + {T} new tokens > "
                     f"max_len {cache.max_len}; build a longer cache"
                 )
@@ -134,23 +222,18 @@ class Model:
             )
             packed = packed or cache.packed
             ctx = MaskContext(q_slot, seg, kv_seg, start, packed)
-        positions = q_slot if positions is None else jnp.asarray(positions, jnp.int32)
+        positions = q_slot if positions is None else positions.astype(jnp.int32)
         pos = _host(positions) if cfg.position == "learned" else None
-        if pos is not None and pos.size and pos.max() >= cfg.max_seq_len:
-            raise ValueError(
-                f"position {pos.max()} is beyond max_seq_len={cfg.max_seq_len} of "
-                f"{cfg.name!r} (learned position table)"
+        if pos is not None and pos.size and (pos.max() >= cfg.max_seq_len or pos.min() < 0):
+            raise InputError(
+                f"positions must lie in [0, {cfg.max_seq_len}), got min {pos.min()}, max "
+                f"{pos.max()}: beyond max_seq_len={cfg.max_seq_len} of {cfg.name!r} (learned "
+                "position table); give shorter sequences or restart positions per document"
             )
 
         state = jax.tree.map(lambda x: x, self._abstract_state)
         nnx.replace_by_pure_dict(state, params)
         module = nnx.merge(self._graphdef, state)
-        if logit_index is not None:
-            logit_index = jnp.asarray(logit_index, jnp.int32)
-            if logit_index.ndim != 2 or logit_index.shape[0] != B:
-                raise ValueError(
-                    f"logit_index must be int [batch={B}, N]; got shape {list(logit_index.shape)}"
-                )
         logits, layers = module(tokens, positions, ctx, cache, logit_index)
         if cache is None:
             return logits

@@ -75,10 +75,27 @@ def test_cli_streams_the_same_tokens_as_generate(hf_dir, capsys):
     assert len(capsys.readouterr().out.strip().split(",")) == 6
 
 
+def test_cli_help_shows_every_default(capsys):
+    from llmjax.inference.cli import parser
+
+    for action in parser()._actions:
+        if action.dest != "help":
+            assert action.help and "default" in action.help, action.dest
+            if action.default is not None:
+                assert "%(default)s" in action.help, action.dest
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 100)" in text and "(default: 0.8)" in text and "(default: off)" in text
+
+
 def test_cli_needs_ids_without_a_tokenizer(hf_dir, capsys):
+    from llmjax.cli import main as llmjax_main
+
     _, _, path = hf_dir
-    assert main(["--hf", path, "--prompt", "hello"]) == 2
-    assert "--prompt-ids" in capsys.readouterr().err
+    assert llmjax_main(["generate", "--hf", path, "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmjax generate: error: --prompt") and "--prompt-ids" in err
 
 
 def test_cli_streams_text_with_the_directory_tokenizer(hf_dir, tmp_path, capsys):

@@ -85,10 +85,21 @@ def test_prompt_validation(llama):
     model, params = llama
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, params, [[1], []], max_new_tokens=2)
-    with pytest.raises(ValueError, match="must lie in"):
+    with pytest.raises(ValueError, match=r"prompts\[0\]\[1\]=512: is outside the vocabulary"):
         generate(model, params, [[1, 512]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, params, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+def test_prompts_may_be_arrays_and_numpy_ints(llama):
+    """Valid spellings of a batch (an int array, numpy ints, tuples) are the same request."""
+    model, params = llama
+    ref = generate(model, params, [[1, 5, 7], [1, 9, 4]], max_new_tokens=3)
+    as_array = generate(model, params, np.asarray([[1, 5, 7], [1, 9, 4]]), max_new_tokens=3)
+    as_scalars = generate(
+        model, params, [tuple(np.int64([1, 5, 7])), (1, 9, 4)], max_new_tokens=np.int32(3)
+    )
+    assert as_array == ref and as_scalars == ref
 
 
 def test_learned_positions_refuse_to_overflow():
