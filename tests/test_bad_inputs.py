@@ -1,10 +1,9 @@
 """Bad input of every kind, as a table: one clear line and exit code 2 from the command line, a
-typed exception from Python, and nothing lost (see tests/cases.py for what a row checks)."""
+typed exception from Python, and nothing lost (tests/bad_inputs/ holds the rows, by area)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import subprocess
 import sys
@@ -15,49 +14,10 @@ import pytest
 import llmjax
 from llmjax.cli import main
 from llmjax.errors import LlmjaxError
-from tests.cases import Api, Cli, Env
-from tests.train.helpers import REPO, cli_args, corpus_paths
+from tests.bad_inputs import Api, Cli, Env, cli, data, inference, interop
+from tests.train.helpers import REPO, corpus_paths
 
-
-def _pretrain(env: Env, *extra: str) -> list[str]:
-    return cli_args(env.tmp / "out", steps=2, extra=extra)
-
-
-def _with_data(env: Env, *paths: str) -> list[str]:
-    base = _pretrain(env)
-    at = base.index("--data") + 1
-    return [*base[:at], *paths, *base[at + len(env.corpus) :]]
-
-
-CASES = [
-    Cli(
-        "empty corpus",
-        lambda e: _with_data(e, e.write("empty.txt", "\n \n")),
-        "corpus is empty",
-    ),
-    Cli("missing data file", lambda e: _with_data(e, str(e.tmp / "missing.txt")), "no such file"),
-    Cli(
-        "seq_len beyond the model",
-        lambda e: _pretrain(e, "--seq-len", "512"),
-        "beyond the model's max_seq_len=256",
-    ),
-    Cli(
-        "unknown preset",
-        lambda e: _pretrain(e, "--preset", "llama9-huge"),
-        "unknown preset 'llama9-huge'",
-    ),
-    Cli("bad value", lambda e: _pretrain(e, "--set", "loop.steps=many"), "expected int"),
-    Cli("unknown recipe", lambda e: ["pretrain", "--recipe", "nope"], "unknown recipe 'nope'"),
-    Cli("bad mesh", lambda e: _pretrain(e, "--mesh", "pipeline=2"), "unknown axis 'pipeline'"),
-]
-
-# Each area keeps its rows in its own module while it grows; they all run here.
-for _name in ("cases_data", "cases_interop", "cases_inference", "cases_cli", "cases_checkpoint"):
-    try:
-        CASES += importlib.import_module(f"tests.{_name}").CASES
-    except ModuleNotFoundError as _e:
-        if _e.name != f"tests.{_name}":
-            raise
+CASES = cli.CASES + data.CASES + interop.CASES + inference.CASES
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +28,7 @@ def shared(trained_run, exported_hf) -> Env:
 
 
 def _error_lines(err: str) -> list[str]:
-    """stderr without argparse's usage block (``usage:`` and its indented continuation)."""
-    lines, in_usage = [], False
-    for ln in err.splitlines():
-        if ln.startswith("usage:"):
-            in_usage = True
-            continue
-        if in_usage and ln.startswith(" "):
-            continue
-        in_usage = False
-        if ln.strip():
-            lines.append(ln)
-    return lines
+    return [ln for ln in err.splitlines() if ln.strip()]
 
 
 def test_the_table_is_large_and_its_names_are_unique():

@@ -33,7 +33,13 @@ def load(path: str, kind: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmjax generate", description=__doc__.split("\n")[0])
+    from llmjax.cli import Parser
+
+    p = Parser(
+        prog="llmjax generate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.HelpFormatter,  # each help names its default itself
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--ckpt", help="a training run or one of its step directories (no default: this or --hf)"

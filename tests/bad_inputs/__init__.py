@@ -1,7 +1,8 @@
-"""The rows of the bad-input table (tests/test_bad_inputs.py) and what each row may use.
+"""The bad-input table, one module of rows per area (cli, data, interop, inference), run by
+tests/test_bad_inputs.py; this module defines what a row is and what it may use.
 
-A ``Cli`` row is what a user types: it must exit with code 2 and print exactly one error line
-(argparse's usage lines aside) that contains ``expect``, and no traceback. An ``Api`` row is a
+A ``Cli`` row is what a user types: it must exit with code 2 and print exactly one line on
+stderr, an error that contains ``expect``, and no traceback. An ``Api`` row is a
 Python call: it must raise ``error`` (a typed llmjax exception) whose message contains ``expect``.
 ``after`` (optional) checks that nothing was lost or written, e.g. that a file is unchanged.
 """

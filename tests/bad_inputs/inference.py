@@ -24,7 +24,7 @@ from llmjax.inference import (
     self_consistency,
     speculative_generate,
 )
-from tests.cases import Api, Cli, Env
+from tests.bad_inputs import Api, Cli, Env
 
 X = np.ones((2, 5), np.int32)  # a valid [batch, length] for model.apply
 

@@ -1,11 +1,11 @@
 """Bad-input rows for the command line itself: flags, overrides, eval, plan, plot, tokenizer.
 
-Every row fails before any training step runs (see tests/cases.py for what a row checks).
+Every row fails before any training step runs (see tests/bad_inputs/__init__.py for what a row checks).
 """
 
 from __future__ import annotations
 
-from tests.cases import Cli, Env
+from tests.bad_inputs import Cli, Env
 from tests.train.helpers import cli_args
 
 
@@ -26,6 +26,19 @@ def _tokenizer(env: Env, *extra: str) -> list[str]:
 
 
 CASES = [
+    Cli(
+        "seq_len beyond the model",
+        lambda e: _pretrain(e, "--seq-len", "512"),
+        "beyond the model's max_seq_len=256",
+    ),
+    Cli(
+        "unknown preset",
+        lambda e: _pretrain(e, "--preset", "llama9-huge"),
+        "unknown preset 'llama9-huge'",
+    ),
+    Cli("bad value", lambda e: _pretrain(e, "--set", "loop.steps=many"), "expected int"),
+    Cli("unknown recipe", lambda e: ["pretrain", "--recipe", "nope"], "unknown recipe 'nope'"),
+    Cli("bad mesh", lambda e: _pretrain(e, "--mesh", "pipeline=2"), "unknown axis 'pipeline'"),
     # --- pretrain: flags and overrides ---
     Cli(
         "set: unknown key suggests the closest",

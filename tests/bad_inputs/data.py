@@ -21,7 +21,7 @@ from llmjax.data import (
     read_documents,
     resolve_paths,
 )
-from tests.cases import Api, Cli, Env
+from tests.bad_inputs import Api, Cli, Env
 from tests.train.helpers import cli_args
 
 BINARY = bytes(range(256)) * 64
@@ -87,6 +87,18 @@ def _build(env: Env, paths, **data) -> object:
 
 
 CASES = [
+    Cli(
+        "empty corpus",
+        lambda e: _pretrain(e, [e.write("empty.txt", "\n \n")]),
+        "corpus is empty",
+        after=_nothing_trained,
+    ),
+    Cli(
+        "missing data file",
+        lambda e: _pretrain(e, [str(e.tmp / "missing.txt")]),
+        "no such file",
+        after=_nothing_trained,
+    ),
     Cli(
         "data: random bytes",
         lambda e: _pretrain(e, [e.write("notes.bin", BINARY)]),

@@ -17,7 +17,7 @@ import llmjax
 from llmjax.errors import HFCheckpointError
 from llmjax.interop.hf_config import UnsupportedConfig, config_from_hf
 from llmjax.interop.safetensors import SafetensorsFile, write
-from tests.cases import Api, Cli, Env
+from tests.bad_inputs import Api, Cli, Env
 
 NORM = "model.norm.weight"
 K, V = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
