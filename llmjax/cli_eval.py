@@ -31,14 +31,8 @@ def cmd_eval(args) -> int:
 
     from llmjax.checkpoint.load import load_run
     from llmjax.config import ConfigError
-    from llmjax.data import (
-        PackedRows,
-        eval_batches,
-        read_documents,
-        resolve_paths,
-        tokenize_documents,
-    )
-    from llmjax.train import make_eval_step, next_token_loss
+    from llmjax.data import PackedRows, read_documents, resolve_paths, tokenize_documents
+    from llmjax.train import evaluate, make_eval_step, next_token_loss
 
     run = load_run(args.ckpt)
     seq_len = args.seq_len or run.meta["config"]["data"]["seq_len"]
@@ -53,17 +47,10 @@ def cmd_eval(args) -> int:
     else:
         rows, source = heldout_rows(run.meta, run.tokenizer, seq_len), "the run's held-out split"
     step = jax.jit(make_eval_step(next_token_loss(run.model)))
-    # Counted from the batches actually evaluated (eval_batches drops a last partial batch).
-    total = tokens = 0.0
-    sequences = 0
-    for batch in eval_batches(rows, args.batch_size, args.max_batches):
-        s, n = step(run.params, batch)
-        total, tokens = total + float(s), tokens + float(n)
-        sequences += len(batch["tokens"])
-    loss = total / max(tokens, 1.0)
+    result = evaluate(step, run.params, rows, args.batch_size, args.max_batches)
     print(
-        f"{run.step_dir}: loss {loss:.4f} perplexity {math.exp(min(loss, 700)):.3f} "
-        f"over {sequences} sequences of {seq_len} tokens ({int(tokens)} scored tokens) "
-        f"from {source}"
+        f"{run.step_dir}: loss {result.loss:.4f} perplexity "
+        f"{math.exp(min(result.loss, 700)):.3f} over {result.sequences} sequences of {seq_len} "
+        f"tokens ({result.tokens} scored tokens) from {source}"
     )
     return 0

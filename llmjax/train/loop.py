@@ -92,17 +92,26 @@ def _compatible(config: TrainConfig, tokenizer_sha256: str, meta: dict) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float  # token-weighted mean over every scored token
+    sequences: int  # rows evaluated (a last partial batch is left out)
+    tokens: int  # tokens scored
+
+
 def evaluate(
     eval_step, params, rows: PackedRows, batch_size: int, max_batches: int, place=None
-) -> float:
-    """Token-weighted mean loss over the first ``max_batches`` held-out batches."""
+) -> Evaluation:
+    """The token-weighted mean loss over the first ``max_batches`` held-out batches."""
     total = count = 0.0
+    sequences = 0
     for batch in eval_batches(rows, batch_size, max_batches):
+        sequences += len(batch["tokens"])
         if place is not None:
             batch = place(batch)
         s, n = eval_step(params, batch)
         total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    return Evaluation(total / max(count, 1.0), sequences, int(count))
 
 
 def train(
@@ -183,7 +192,7 @@ def _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log) -> TrainRes
             config.data.batch_size,
             loop.eval_batches,
             place,
-        )
+        ).loss
 
     def meta_for(step, eval_loss):
         return {

@@ -105,6 +105,7 @@ def test_a_second_run_on_one_directory_is_refused_until_the_first_dies(run_copy,
     assert step_dirs(run_copy / "checkpoints")[0] == 9
 
 
+@pytest.mark.slow  # test_checkpoint_damage fills a real disk in the default run, in-process
 def test_pretrain_on_a_full_disk_stops_with_one_line_and_keeps_its_checkpoint(tmp_path):
     """``--out`` on a 4 MiB tmpfs (in a private mount namespace): the token cache and the first
     checkpoint fit, the second does not."""
