@@ -137,11 +137,12 @@ def cmd_export(args) -> int:
 
     import llmjax
     from llmjax.checkpoint.load import load_run
+    from llmjax.checkpoint.manager import absolute
     from llmjax.errors import ConfigError
 
     run = load_run(args.ckpt)
     model, params, tok, step_dir = run.model, run.params, run.tokenizer, run.step_dir
-    out, run_dir = Path(args.out).absolute(), step_dir.parent.parent
+    out, run_dir = absolute(args.out), step_dir.parent.parent
     if out == run_dir or run_dir / "checkpoints" in (out, *out.parents):
         raise ConfigError(
             f"--out {args.out} is the run's own directory; export to a directory of its own, "

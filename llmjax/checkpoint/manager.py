@@ -19,6 +19,7 @@ import errno
 import gc
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -36,9 +37,10 @@ log = logging.getLogger("llmjax")
 __all__ = ["CheckpointDamaged", "CheckpointError", "CheckpointMismatch"]
 
 
-def absolute(path: str | Path) -> Path:
-    """``path`` made absolute against the working directory (orbax refuses relative paths)."""
-    return Path(path).expanduser().absolute()
+def absolute(path: str | os.PathLike) -> Path:
+    """``path`` made absolute against the working directory (orbax refuses relative paths), with
+    ``..`` folded away but symbolic links kept as the user named them."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def step_dirs(directory: str | Path) -> list[int]:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llmjax import distributed
+from llmjax.checkpoint.manager import absolute
 from llmjax.errors import ConfigError, RunInUse
 
 LOCK = ".lock"
@@ -29,7 +30,7 @@ _held: dict[Path, int] = {}  # directory -> nesting depth, for this process
 
 def prepare(out_dir: str | os.PathLike) -> Path:
     """``out_dir`` as an absolute path, created if needed; a clear error if it cannot be one."""
-    out = Path(out_dir).expanduser().absolute()
+    out = absolute(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(
             f"--out {out_dir} is a file, not a directory; pass a directory (a new one starts a "
