@@ -4,6 +4,7 @@ skipped; every other failure propagates and nothing is moved. Saves check disk s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -178,28 +179,37 @@ print("STEP1", _equal(state, _state(1)))
 """
 
 
-def test_a_full_disk_gives_one_error_and_keeps_earlier_checkpoints(tmp_path):
-    """A real full file system: a 1 MiB tmpfs in a private mount namespace."""
+def on_small_tmpfs(tmp_path, size: str, commands: str, timeout: int = 300):
+    """Run shell ``commands`` with a ``size`` tmpfs mounted at ``tmp_path/small`` (named MNT in
+    them), in a private mount namespace; skips where the system allows no such mount (the
+    in-process pre-check test above still runs there)."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux unshare to mount a small tmpfs")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    script = tmp_path / "fill.py"
-    script.write_text(FILL_DISK)
-    cmd = (
-        f"mount -t tmpfs -o size=1m tmpfs {mnt} && "
-        f"{sys.executable} {script} {mnt}/ckpt; echo EXIT $?; ls {mnt}/ckpt"
+    script = f"mount -t tmpfs -o size={size} tmpfs {mnt} || exit 99; " + commands.replace(
+        "MNT", str(mnt)
     )
     proc = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", cmd],
+        ["unshare", "-rm", "sh", "-c", script],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=REPO,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    if "mount" in proc.stderr and "EXIT" not in proc.stdout:
+    if proc.returncode == 99:
         pytest.skip(f"this system does not allow a private tmpfs mount: {proc.stderr.strip()}")
+    return proc
+
+
+def test_a_full_disk_gives_one_error_and_keeps_earlier_checkpoints(tmp_path):
+    """A real full file system: a 1 MiB tmpfs, written until a save does not fit."""
+    script = tmp_path / "fill.py"
+    script.write_text(FILL_DISK)
+    proc = on_small_tmpfs(
+        tmp_path, "1m", f"{sys.executable} {script} MNT/ckpt; echo EXIT $?; ls MNT/ckpt"
+    )
     out = proc.stdout
     assert "ERROR no space left on the device of" in out, out + proc.stderr
     assert "STEP1 True" in out and "EXIT 0" in out, out + proc.stderr

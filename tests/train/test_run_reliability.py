@@ -17,7 +17,7 @@ from llmjax.checkpoint import step_dirs
 from llmjax.cli import main
 from llmjax.train.metrics import read_metrics
 from tests.train.helpers import REPO, cli_args, corpus_paths
-from tests.train.test_checkpoint_damage import _data_file
+from tests.train.test_checkpoint_damage import _data_file, on_small_tmpfs
 
 
 @pytest.fixture
@@ -109,28 +109,16 @@ def test_a_second_run_on_one_directory_is_refused_until_the_first_dies(run_copy,
 def test_pretrain_on_a_full_disk_stops_with_one_line_and_keeps_its_checkpoint(tmp_path):
     """``--out`` on a 4 MiB tmpfs (in a private mount namespace): the token cache and the first
     checkpoint fit, the second does not."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs util-linux unshare to mount a small tmpfs")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
     cli = f"{sys.executable} -m llmjax.cli"
-    pretrain = " ".join(cli_args(f"{mnt}/run", steps=4, extra=["--save-every", "1"]))
-    script = (
-        f"mount -t tmpfs -o size=4m tmpfs {mnt} || exit 99; "
+    pretrain = " ".join(cli_args("MNT/run", steps=4, extra=["--save-every", "1"]))
+    proc = on_small_tmpfs(
+        tmp_path,
+        "4m",
         f"{cli} {pretrain} 2>{tmp_path}/err; echo PRETRAIN $?; "
-        f"{cli} generate --ckpt {mnt}/run --prompt-ids 2,40 --max-new-tokens 2; echo GENERATE $?; "
-        f"ls {mnt}/run/checkpoints"
-    )
-    proc = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script],
-        capture_output=True,
-        text=True,
+        f"{cli} generate --ckpt MNT/run --prompt-ids 2,40 --max-new-tokens 2; echo GENERATE $?; "
+        "ls MNT/run/checkpoints",
         timeout=600,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    if proc.returncode == 99:
-        pytest.skip(f"this system does not allow a private tmpfs mount: {proc.stderr.strip()}")
     err = (tmp_path / "err").read_text()
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[")]
     assert "PRETRAIN 2" in proc.stdout, proc.stdout + err
