@@ -169,13 +169,14 @@ def cmd_plot(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     from llmjax.data import TokenizerConfig, read_documents, resolve_paths
-    from llmjax.data.tokenizer import Tokenizer, training_lines
+    from llmjax.data.tokenizer import Tokenizer, check_pieces, training_lines
 
     cfg = TokenizerConfig(
         vocab_size=args.vocab_size, model_type=args.model_type, max_lines=args.max_lines
     )
     docs = read_documents(resolve_paths(args.data), args.text_field)
     tok = Tokenizer.train(training_lines((d.text for d in docs), cfg.max_lines, cfg.seed), cfg)
+    check_pieces(tok, cfg.vocab_size, "--vocab-size")  # before anything is written
     tok.save(args.out)
     print(f"wrote {args.out}: {cfg.model_type}, {tok.vocab_size} pieces")
     return 0

@@ -17,9 +17,9 @@ from llmjax.data.sources import (
     stdlib_files,
 )
 from llmjax.data.tokenizer import (
-    MIN_VOCAB,
     Tokenizer,
     TokenizerConfig,
+    check_pieces,
     check_special_ids,
     training_lines,
 )
@@ -93,18 +93,7 @@ def get_tokenizer(config: DataConfig, train_docs, out_dir: str | os.PathLike) ->
         return Tokenizer.load(path)
     lines = training_lines((d.text for d in train_docs), tc.max_lines, tc.seed)
     tok = Tokenizer.train(lines, tc)
-    if tok.vocab_size < tc.vocab_size:
-        # SentencePiece stops early when the text has too few distinct pieces; a smaller
-        # vocabulary than asked for would silently change the run, so the user chooses.
-        fix = (
-            f"add data or set --set data.tokenizer_config.vocab_size={tok.vocab_size}"
-            if tok.vocab_size >= MIN_VOCAB
-            else f"add data (a tokenizer needs at least {MIN_VOCAB} pieces)"
-        )
-        raise DataError(
-            f"the training text yields only {tok.vocab_size} tokenizer pieces, fewer than "
-            f"data.tokenizer_config.vocab_size={tc.vocab_size}; {fix}"
-        )
+    check_pieces(tok, tc.vocab_size, "--set data.tokenizer_config.vocab_size")
     tok.save(path)
     return tok
 

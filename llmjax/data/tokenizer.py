@@ -161,6 +161,27 @@ def training_lines(texts: Iterable[str], max_lines: int, seed: int = 0) -> Itera
     return iter(lines)
 
 
+def check_pieces(tok: Tokenizer, asked: int, setting: str) -> None:
+    """Refuse a freshly trained tokenizer with fewer pieces than ``asked`` for.
+
+    SentencePiece stops early when the text has too few distinct pieces; a smaller vocabulary
+    than asked for would silently change what is trained, so the user chooses. ``setting`` is
+    how the user sets the size (``--vocab-size``, ``--set data.tokenizer_config.vocab_size``).
+    """
+    if tok.vocab_size >= asked:
+        return
+    name = setting.split()[-1]
+    fix = (
+        f"add data or set {setting}={tok.vocab_size}"
+        if tok.vocab_size >= MIN_VOCAB
+        else f"add data (a tokenizer needs at least {MIN_VOCAB} pieces)"
+    )
+    raise DataError(
+        f"the training text yields only {tok.vocab_size} tokenizer pieces, fewer than "
+        f"{name}={asked}; {fix}"
+    )
+
+
 def check_special_ids(tok: Tokenizer) -> None:
     """Refuse a SentencePiece model whose special ids are not llmjax's (pad 0, unk 1, bos 2, eos 3).
 

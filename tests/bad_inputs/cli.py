@@ -190,8 +190,27 @@ CASES = [
         "is the run's own directory",
         after=lambda e: _nothing_exported(e.tmp / "run"),
     ),
+    Cli(
+        "tokenizer train: more pieces than the text yields",
+        lambda e: [
+            "tokenizer",
+            "train",
+            "--data",
+            e.write("small.txt", "a few words\n" * 50),
+            "--vocab-size",
+            "512",
+            "--out",
+            str(e.tmp / "t.model"),
+        ],
+        "fewer than --vocab-size=512; add data",
+        after=lambda e: _not_written(e.tmp / "t.model"),
+    ),
 ]
 
 
 def _nothing_exported(run) -> None:
     assert not (run / "config.json").exists() and not list(run.glob("*.safetensors"))
+
+
+def _not_written(path) -> None:
+    assert not path.exists()
