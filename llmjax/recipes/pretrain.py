@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from llmjax.train import (
     rundir,
     train,
 )
-from llmjax.train.config import to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where a checkout of the project keeps its copy; anyone else downloads it and passes --data.
@@ -131,26 +129,28 @@ def completed(cfg: TrainConfig, out_dir) -> TrainResult | None:
     """The run in ``out_dir`` when it already reached ``loop.steps`` with this model, else None.
 
     Read from the newest complete checkpoint's metadata and its files' sizes alone, so finding
-    out takes a second: nothing is built, restored, compiled or sampled. A checkpoint of another model, or one whose
-    metadata cannot be read, is left to the loop, which names the difference or sets it aside.
+    out takes a second: nothing is built, restored, compiled or sampled. A checkpoint of another
+    model, or one whose metadata cannot be read, is left to the loop, which names the difference
+    or sets it aside.
     """
-    from llmjax.checkpoint import integrity, read_meta, step_dirs
-    from llmjax.checkpoint.manager import looks_complete
+    from llmjax.checkpoint import CheckpointError, integrity, read_meta, resolve_checkpoint
+    from llmjax.train.loop import model_differences
 
-    ckpts = Path(out_dir) / "checkpoints"
-    newest = next((s for s in step_dirs(ckpts) if looks_complete(ckpts / str(s)) is None), None)
-    if newest is None or newest < cfg.loop.steps:
+    try:
+        newest = resolve_checkpoint(Path(out_dir) / "checkpoints")
+    except CheckpointError:  # no run there yet
+        return None
+    if int(newest.name) < cfg.loop.steps:
         return None
     try:
-        meta = read_meta(ckpts / str(newest))
-        if integrity.verify_files(ckpts / str(newest), contents=False):
+        meta = read_meta(newest)
+        if integrity.verify_files(newest, contents=False):
             return None  # a file is missing or truncated: the loop sets the step aside
     except FileNotFoundError:  # no manifest to check against: the metadata must do
         pass
     except Exception:  # whatever is wrong with it, the loop's restore reports it
         return None
-    saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(cfg.model)))
-    if any(saved.get(k) != v for k, v in now.items()):
+    if model_differences(cfg, meta):
         return None
     step = int(meta["step"])
     return TrainResult(

@@ -75,11 +75,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _compatible(config: TrainConfig, tokenizer_sha256: str, meta: dict) -> None:
-    """Raise ``CheckpointMismatch`` unless ``meta`` is of this model and tokenizer."""
+def model_differences(config: TrainConfig, meta: dict) -> list[str]:
+    """``["mlp_dim: 128 -> 64", ...]``: where a checkpoint's model differs from ``config``'s."""
     # Compare as JSON sees them: tuples come back from the checkpoint as lists.
     saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(config.model)))
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
+
+
+def _compatible(config: TrainConfig, tokenizer_sha256: str, meta: dict) -> None:
+    """Raise ``CheckpointMismatch`` unless ``meta`` is of this model and tokenizer."""
+    diff = model_differences(config, meta)
     if diff:
         raise CheckpointMismatch(
             f"the checkpoints in this output directory are of another model ({'; '.join(diff)}); "
