@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llmjax  # noqa: E402
 from llmjax.config import dtype_of  # noqa: E402
 from llmjax.train import OptimizerConfig, make_optimizer, make_train_step  # noqa: E402
-from llmjax.train.losses import next_token_loss  # noqa: E402
+from llmjax.losses import next_token_loss  # noqa: E402
 from llmjax.train.step import init_state  # noqa: E402
 
 
@@ -112,16 +112,16 @@ def main(argv=None):
     state = jax.jit(lambda: init_state(model, tx, 0))()
 
     t0 = time.perf_counter()
-    state, m = step(state, batch)
+    state, m = step(state, {}, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    state, m = step(state, batch)  # one more warm step: allocator and caches settle
+    state, m = step(state, {}, batch)  # one more warm step: allocator and caches settle
     jax.block_until_ready(m)
     times = []
     cpu0 = time.process_time()
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = step(state, batch)
+        state, m = step(state, {}, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     # CPU seconds per step over wall seconds per step: about the number of cores the step got.

@@ -136,9 +136,9 @@ def cmd_export(args) -> int:
     import shutil
 
     import llmjax
-    from llmjax.checkpoint.load import load_run
     from llmjax.checkpoint.manager import absolute
     from llmjax.errors import ConfigError
+    from llmjax.runs import load_run
 
     run = load_run(args.ckpt)
     model, params, tok, step_dir = run.model, run.params, run.tokenizer, run.step_dir

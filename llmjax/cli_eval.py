@@ -29,9 +29,15 @@ def heldout_rows(meta: dict, tokenizer, seq_len: int):
 def cmd_eval(args) -> int:
     import jax
 
-    from llmjax.checkpoint.load import load_run
     from llmjax.config import ConfigError
-    from llmjax.data import PackedRows, read_documents, resolve_paths, tokenize_documents
+    from llmjax.data import (
+        PackedRows,
+        eval_batches,
+        read_documents,
+        resolve_paths,
+        tokenize_documents,
+    )
+    from llmjax.runs import load_run
     from llmjax.train import evaluate, make_eval_step, next_token_loss
 
     run = load_run(args.ckpt)
@@ -47,7 +53,7 @@ def cmd_eval(args) -> int:
     else:
         rows, source = heldout_rows(run.meta, run.tokenizer, seq_len), "the run's held-out split"
     step = jax.jit(make_eval_step(next_token_loss(run.model)))
-    result = evaluate(step, run.params, rows, args.batch_size, args.max_batches)
+    result = evaluate(step, run.params, eval_batches(rows, args.batch_size, args.max_batches))
     print(
         f"{run.step_dir}: loss {result.loss:.4f} perplexity "
         f"{math.exp(min(result.loss, 700)):.3f} over {result.sequences} sequences of {seq_len} "

@@ -243,3 +243,15 @@ class ModelConfig:
 
 def dtype_of(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Rebuild a ``ModelConfig`` saved with ``to_dict`` (nested rope configs, tuple fields)."""
+    d = dict(d)
+    for k in ("rope", "local_rope"):
+        if isinstance(d.get(k), dict):
+            d[k] = RopeConfig(**d[k])
+    for f in dataclasses.fields(ModelConfig):
+        if isinstance(d.get(f.name), list):
+            d[f.name] = tuple(d[f.name])
+    return ModelConfig(**d)

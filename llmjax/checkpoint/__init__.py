@@ -1,6 +1,5 @@
 """Orbax checkpoints of the train state: async saves, validated resume, export."""
 
-from llmjax.checkpoint.load import LoadedRun, load_run
 from llmjax.checkpoint.manager import (
     CheckpointDamaged,
     Checkpointer,
@@ -19,12 +18,10 @@ __all__ = [
     "CheckpointError",
     "checkpoint_candidates",
     "CheckpointMismatch",
-    "LoadedRun",
     "Checkpointer",
     "read_meta",
     "resolve_checkpoint",
     "restore",
     "restore_latest",
     "step_dirs",
-    "load_run",
 ]

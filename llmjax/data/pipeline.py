@@ -59,6 +59,9 @@ class Data:
     train: BatchIterator
     heldout: PackedRows
     description: str
+    # The training documents' contents, the tokenizer and every setting that changes the
+    # batches: a run resumed on other data is refused instead of silently continuing.
+    fingerprint: str = ""
 
 
 def load_documents(config: DataConfig):
@@ -118,4 +121,7 @@ def build_data(config: DataConfig, out_dir: str | os.PathLike, model_vocab_size:
     desc += (
         f"; {train.stream.num_tokens:,} training tokens, {len(train):,} rows of {config.seq_len}"
     )
-    return Data(tok, it, heldout, desc)
+    h = hashlib.sha256(f"{tok.sha256} {config.seq_len} {config.batch_size} {config.seed}".encode())
+    for d in train_docs:  # contents only: the same corpus moved elsewhere is the same data
+        h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
+    return Data(tok, it, heldout, desc, h.hexdigest())

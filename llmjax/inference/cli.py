@@ -20,7 +20,7 @@ from llmjax.inference import validate
 def load(path: str, kind: str):
     """``(model, params, tokenizer or None)`` from a run / step directory or a HF directory."""
     if kind == "ckpt":
-        from llmjax.checkpoint import load_run
+        from llmjax.runs import load_run
 
         run = load_run(path)
         return run.model, run.params, run.tokenizer

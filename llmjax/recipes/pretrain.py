@@ -1,7 +1,8 @@
 """Pretraining recipes: each a function returning one complete ``TrainConfig``.
 
-The loss is next-token cross entropy over packed documents (optionally with z-loss); everything
-else (optimizer, checkpoints, metrics, evaluation) is the shared loop in ``llmjax.train``.
+A recipe module is configs, a loss and data: here next-token cross entropy over packed documents
+(optionally with z-loss), assembled into a ``Task`` by ``task``; everything else (optimizer,
+checkpoints, metrics, evaluation) is the shared loop in ``llmjax.train``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import llmjax
 import llmjax.distributed
-from llmjax.data import DataConfig, TokenizerConfig, build_data
+from llmjax.data import Data, DataConfig, TokenizerConfig, build_data, eval_batches
 from llmjax.errors import DataError, UnknownName
 from llmjax.inference import generate
 from llmjax.train import (
     LoopConfig,
     OptimizerConfig,
+    Task,
     TrainConfig,
     TrainResult,
     next_token_loss,
@@ -121,8 +123,20 @@ def with_preset(cfg: TrainConfig, preset: str) -> TrainConfig:
     return dataclasses.replace(cfg, model=model, data=data)
 
 
-def loss(cfg: TrainConfig, model):
-    return next_token_loss(model, cfg.loop.z_loss)
+def task(cfg: TrainConfig, model, data: Data) -> Task:
+    """Pretraining: every parameter from ``model.init``, next-token loss over packed documents
+    (plus ``loop.z_loss``), held-out perplexity."""
+    return Task(
+        params=model.init,
+        axes=model.param_axes(),
+        loss=next_token_loss(model, cfg.loop.z_loss),
+        eval_loss=next_token_loss(model),
+        train=data.train,
+        heldout=lambda batch_size, n: eval_batches(data.heldout, batch_size, n),
+        model=cfg.model,
+        identity={"tokenizer_sha256": data.tokenizer.sha256, "data_fingerprint": data.fingerprint},
+        tokenizer=data.tokenizer,
+    )
 
 
 def completed(cfg: TrainConfig, out_dir) -> TrainResult | None:
@@ -207,9 +221,7 @@ def _run(cfg: TrainConfig, out_dir, log) -> TrainResult:
         lambda: build_data(cfg.data, out_dir, cfg.model.vocab_size)
     )
     log(f"data: {data.description}; tokenizer: {data.tokenizer.vocab_size} pieces")
-    result = train(
-        cfg, model, loss(cfg, model), data, out_dir, eval_loss_fn=next_token_loss(model), log=log
-    )
+    result = train(cfg, task(cfg, model, data), out_dir, log=log)
     if result.losses:
         log(loss_summary(result.losses))
     if result.eval_loss is not None:

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from llmjax.config import ConfigError, ModelConfig
+from llmjax.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: F401
 from llmjax.data.pipeline import DataConfig
 from llmjax.errors import UnknownName
 
@@ -243,17 +243,3 @@ def _either(names: list[str]) -> str:
 def to_dict(obj) -> dict:
     """A JSON-ready dict of any config (tuples become lists)."""
     return dataclasses.asdict(obj)
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    """Rebuild a ``ModelConfig`` saved with ``to_dict`` (nested rope configs, tuple fields)."""
-    from llmjax.config import RopeConfig
-
-    d = dict(d)
-    for k in ("rope", "local_rope"):
-        if isinstance(d.get(k), dict):
-            d[k] = RopeConfig(**d[k])
-    for f in dataclasses.fields(ModelConfig):
-        if isinstance(d.get(f.name), list):
-            d[f.name] = tuple(d[f.name])
-    return ModelConfig(**d)

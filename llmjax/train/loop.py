@@ -1,4 +1,4 @@
-"""The one training loop. A recipe supplies the config, the model, the data and the loss.
+"""The one training loop. A recipe supplies the config and a ``Task`` (see ``task.py``).
 
 Per step: next batch -> device (sharded over data x fsdp) -> jitted step (state donated) -> check
 the loss is finite -> log -> evaluate and save when due. A checkpoint at step ``s`` holds the state
@@ -24,13 +24,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llmjax import distributed, sharding
 from llmjax.checkpoint import Checkpointer, CheckpointMismatch, restore_latest
-from llmjax.data import Data, PackedRows, eval_batches
+from llmjax.losses import SUMMED
 from llmjax.train import mesh as mesh_lib
 from llmjax.train import rundir
-from llmjax.train.config import TrainConfig, to_dict
+from llmjax.train.config import to_dict
 from llmjax.train.metrics import MetricsLog, Progress
 from llmjax.train.optim import lr_schedule, make_optimizer
-from llmjax.train.step import LossFn, init_state, make_eval_step, make_train_step
+from llmjax.train.step import make_eval_step, make_train_step
+from llmjax.train.task import Task, place, tree_shardings
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +47,7 @@ class TrainResult:
     stopped: str = "done"  # "done" or "signal"
     signum: int | None = None
     resumed_from: int | None = None
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation's
 
     @property
     def perplexity(self) -> float | None:
@@ -75,26 +77,42 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def model_differences(config: TrainConfig, meta: dict) -> list[str]:
-    """``["mlp_dim: 128 -> 64", ...]``: where a checkpoint's model differs from ``config``'s."""
+def model_differences(config, meta: dict) -> list[str]:
+    """``["mlp_dim: 128 -> 64", ...]``: where a checkpoint's model differs from ``config``'s.
+
+    ``config`` is a ``TrainConfig`` (its ``model``) or a ``ModelConfig``.
+    """
+    model = getattr(config, "model", config)
     # Compare as JSON sees them: tuples come back from the checkpoint as lists.
-    saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(config.model)))
+    saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(model)))
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
 
 
-def _compatible(config: TrainConfig, tokenizer_sha256: str, meta: dict) -> None:
-    """Raise ``CheckpointMismatch`` unless ``meta`` is of this model and tokenizer."""
-    diff = model_differences(config, meta)
+# What each identity key means, for the message when a checkpoint's differs.
+_IDENTITY_FIXES = {
+    "tokenizer_sha256": "were trained with another tokenizer (the data or tokenizer settings "
+    "changed); use a new --out to start afresh",
+    "data_fingerprint": "were trained on other data or data settings (file contents, sequence "
+    "length, batch size, seed); use a new --out, or the same data to resume",
+    "base": "were trained from another base model; use a new --out, or the same --base to resume",
+    "trainable": "train another set of parameters (LoRA or trainable settings changed); use a new "
+    "--out, or the same settings to resume",
+}
+
+
+def _compatible(task, meta: dict) -> None:
+    """Raise ``CheckpointMismatch`` unless ``meta`` was written by this same task."""
+    diff = model_differences(task.model, meta) if task.model is not None else []
     if diff:
         raise CheckpointMismatch(
             f"the checkpoints in this output directory are of another model ({'; '.join(diff)}); "
             "use a new --out, or the same model settings to resume"
         )
-    if meta.get("tokenizer_sha256") != tokenizer_sha256:
-        raise CheckpointMismatch(
-            "the checkpoints in this output directory were trained with another tokenizer "
-            "(the data or tokenizer settings changed); use a new --out to start afresh"
-        )
+    saved = meta.get("identity", {"tokenizer_sha256": meta.get("tokenizer_sha256")})
+    for key, value in task.identity.items():
+        if key in saved and saved[key] != json.loads(json.dumps(value)):
+            why = _IDENTITY_FIXES.get(key, f"differ in {key}; use a new --out")
+            raise CheckpointMismatch(f"the checkpoints in this output directory {why}")
 
 
 @dataclass(frozen=True)
@@ -102,84 +120,115 @@ class Evaluation:
     loss: float  # token-weighted mean over every scored token
     sequences: int  # rows evaluated (a last partial batch is left out)
     tokens: int  # tokens scored
+    metrics: dict = field(default_factory=dict)  # the loss's other metrics, token-weighted
 
 
-def evaluate(
-    eval_step, params, rows: PackedRows, batch_size: int, max_batches: int, place=None
-) -> Evaluation:
-    """The token-weighted mean loss over the first ``max_batches`` held-out batches."""
-    total = count = 0.0
-    sequences = 0
-    for batch in eval_batches(rows, batch_size, max_batches):
+def evaluate(eval_step, params, batches, *, frozen=None, place=None) -> Evaluation:
+    """Pool ``eval_step`` (``make_eval_step``) over ``batches``, weighting each by its tokens."""
+    sums, count, sequences = {}, 0.0, 0
+    for batch in batches:
         sequences += len(batch["tokens"])
         if place is not None:
             batch = place(batch)
-        s, n = eval_step(params, batch)
-        total, count = total + float(s), count + float(n)
-    return Evaluation(total / max(count, 1.0), sequences, int(count))
+        s, n = jax.device_get(eval_step(params, frozen or {}, batch))
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += float(n)
+    means = {k: v / max(count, 1.0) for k, v in sums.items()}
+    return Evaluation(means.pop("loss", float("nan")), sequences, int(count), means)
 
 
-def train(
-    config: TrainConfig,
-    model,
-    loss_fn: LossFn,
-    data: Data,
-    out_dir,
-    *,
-    eval_loss_fn: LossFn | None = None,
-    log=print,
-) -> TrainResult:
-    """Run (or resume) ``config.loop.steps`` steps, writing checkpoints and metrics to ``out_dir``.
+def train(config, task: Task, out_dir, *, log=print) -> TrainResult:
+    """Run (or resume) ``config.loop.steps`` steps of ``task``, writing checkpoints and metrics.
 
-    ``out_dir`` is held for the whole run: a second run on it raises ``RunInUse``.
+    ``config`` supplies ``optim``, ``loop`` and ``data.batch_size`` and is recorded in every
+    checkpoint. ``out_dir`` is held for the whole run: a second run on it raises ``RunInUse``.
     """
     with rundir.hold(out_dir):
-        return _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log)
+        return _train(config, task, out_dir, log)
 
 
-def _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log) -> TrainResult:
+def _initial_state(task: Task, tx, seed: int, shardings) -> dict:
+    init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+    if callable(task.params):
+        params = jax.jit(task.params, out_shardings=shardings["params"])(init_key)
+    else:
+        params = place(task.params, shardings["params"])
+    return {
+        "step": place(np.zeros((), np.int32), shardings["step"]),
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+        "rng": place(np.asarray(jax.device_get(rng)), shardings["rng"]),
+    }
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _train(config, task: Task, out_dir, log) -> TrainResult:
     loop, out = config.loop, Path(out_dir)
+    batch_size = config.data.batch_size
     mesh = mesh_lib.make_mesh(loop.mesh)
-    mesh_lib.check_batch(config.data.batch_size, mesh, loop.grad_accum)
+    mesh_lib.check_batch(batch_size, mesh, loop.grad_accum)
     tx = make_optimizer(config.optim, loop.steps)
     schedule = lr_schedule(config.optim, loop.steps)
-
-    init = functools.partial(init_state, model, tx, loop.seed)
-    abstract = jax.eval_shape(init)
     rules = mesh_lib.rules_for(mesh, loop.rules)
-    shardings = mesh_lib.state_shardings(model, tx, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    abstract_params = (
+        jax.eval_shape(task.params, jax.random.PRNGKey(0))
+        if callable(task.params)
+        else _shapes(task.params)
+    )
+    params_sh = tree_shardings(task.axes, abstract_params, mesh, rules)
+    shardings = {
+        "step": replicated,
+        "params": params_sh,
+        "opt_state": sharding.optimizer_shardings(tx, params_sh, abstract_params, mesh),
+        "rng": replicated,
+    }
+    abstract = {
+        "step": jax.ShapeDtypeStruct((), np.int32),
+        "params": abstract_params,
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+    }
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+    frozen_sh = {
+        k: tree_shardings(task.frozen_axes.get(k), _shapes(v), mesh, rules)
+        for k, v in task.frozen.items()
+    }
+    frozen = {k: place(v, frozen_sh[k]) for k, v in task.frozen.items()}
     batch_sh = sharding.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     ckpt_dir = out / "checkpoints"
-    restored = restore_latest(
-        ckpt_dir, abstract, check=functools.partial(_compatible, config, data.tokenizer.sha256)
-    )
+    restored = restore_latest(ckpt_dir, abstract, check=functools.partial(_compatible, task))
     with sharding.activation_rules(mesh, rules):
         if restored is None:
-            start, state = 0, jax.jit(init, out_shardings=shardings)()
+            start, state, num_tokens = 0, _initial_state(task, tx, loop.seed, shardings), 0.0
         else:
             start, state, meta = restored
-            data.train.restore(meta["data"])
+            task.train.restore(meta["data"])
+            num_tokens = float(meta.get("num_tokens", 0.0))
             log(f"resumed from {ckpt_dir / str(start)} (step {start})")
 
     step_fn = jax.jit(
-        make_train_step(loss_fn, tx, schedule, loop.grad_accum),
-        in_shardings=(shardings, batch_sh),
+        make_train_step(task.loss, tx, schedule, loop.grad_accum),
+        in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        make_eval_step(eval_loss_fn or loss_fn),
-        in_shardings=(shardings["params"], None),
+        make_eval_step(task.eval_loss or task.loss),
+        in_shardings=(params_sh, frozen_sh, None),
         out_shardings=replicated,
     )
     ways = sharding.batch_ways(mesh)
 
-    def place(batch):  # a short last held-out batch may not split over the mesh
+    def place_batch(batch):  # a short last held-out batch may not split over the mesh
         target = batch_sh if len(batch["tokens"]) % ways == 0 else replicated
         # Every process holds the same held-out batch: each takes its devices' part of it.
         return {
@@ -187,24 +236,30 @@ def _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log) -> TrainRes
             for k, v in batch.items()
         }
 
-    data.train.local_rows = distributed.process_rows(config.data.batch_size)
+    task.train.local_rows = distributed.process_rows(batch_size)
 
-    def run_eval(state):
-        return evaluate(
+    def run_eval(state) -> dict:
+        result = evaluate(
             eval_fn,
             state["params"],
-            data.heldout,
-            config.data.batch_size,
-            loop.eval_batches,
-            place,
-        ).loss
+            task.heldout(batch_size, loop.eval_batches),
+            frozen=frozen,
+            place=place_batch,
+        )
+        metrics = {"eval_loss": result.loss, "perplexity": math.exp(min(result.loss, 700.0))}
+        metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "nll"})
+        if task.evaluate is not None:
+            metrics.update(task.evaluate(state["params"], frozen))
+        return metrics
 
     def meta_for(step, eval_loss):
         return {
             "step": step,
-            "data": data.train.state(),
+            "data": task.train.state(),
             "config": to_dict(config),
-            "tokenizer_sha256": data.tokenizer.sha256,
+            **{k: v for k, v in task.identity.items() if k == "tokenizer_sha256"},
+            "identity": task.identity,
+            "num_tokens": num_tokens,
             "eval_loss": eval_loss,
         }
 
@@ -213,22 +268,25 @@ def _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log) -> TrainRes
     metrics = MetricsLog(out, resume_step=start, enabled=main)
     progress = Progress(loop.steps, start, loop.progress and main)
     result = TrainResult(start, state, resumed_from=start if restored else None)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
     last_saved = start if restored else None
-    # Since the last log line: seconds in data + step only (not eval or saving), steps, loss sum.
-    step_time, steps_since_log, loss_sum = 0.0, 0, 0.0
+    # Since the last log line: seconds in data + step only (not eval or saving), steps, the sums
+    # of the loss and of the real tokens processed.
+    step_time, steps_since_log, loss_sum, tokens_since_log = 0.0, 0, 0.0, 0.0
 
     try:
         with _StopFlag() as stop, sharding.activation_rules(mesh, rules):
             for step in range(start + 1, loop.steps + 1):
                 t0 = time.perf_counter()
-                batch = sharding.shard_batch(next(data.train), mesh)
-                state, m = step_fn(state, batch)
+                batch = sharding.shard_batch(next(task.train), mesh)
+                state, m = step_fn(state, frozen, batch)
                 m = jax.device_get(m)
                 loss = float(m["loss"])
                 step_time += time.perf_counter() - t0
                 steps_since_log += 1
                 loss_sum += loss
+                step_tokens = float(m.get("num_tokens", batch["tokens"].size))
+                tokens_since_log += step_tokens
+                num_tokens += step_tokens
                 if step == start + 1:
                     log(f"compiled and ran the first step in {step_time:.1f}s")
                 if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
@@ -249,33 +307,40 @@ def _train(config, model, loss_fn, data, out_dir, eval_loss_fn, log) -> TrainRes
                 eval_loss = None
                 last = step == loop.steps
                 if last or (loop.eval_every and step % loop.eval_every == 0):
-                    eval_loss = run_eval(state)
-                    result.eval_loss = eval_loss
-                    ppl = math.exp(min(eval_loss, 700.0))
-                    metrics.write(step, {"eval_loss": eval_loss, "perplexity": ppl})
+                    evals = run_eval(state)
+                    eval_loss = result.eval_loss = evals["eval_loss"]
+                    result.eval_metrics = evals
+                    metrics.write(step, evals)
+                    extra = "".join(
+                        f", {k.removeprefix('eval_')} {v:.4g}"
+                        for k, v in evals.items()
+                        if k not in ("eval_loss", "perplexity")
+                    )
                     progress.message(
-                        f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}"
+                        f"step {step}: eval loss {eval_loss:.4f}, perplexity "
+                        f"{evals['perplexity']:.2f}{extra}"
                     )
 
                 if step % loop.log_every == 0 or last or step == start + 1:
-                    tps = tokens_per_step * steps_since_log / max(step_time, 1e-9)
+                    tps = tokens_since_log / max(step_time, 1e-9)
                     mean_loss = loss_sum / steps_since_log  # one step's loss is a noisy sample
                     rec = {
                         "loss": mean_loss,
                         "learning_rate": float(m["learning_rate"]),
                         "grad_norm": float(m["grad_norm"]),
                         "tokens_per_sec": tps,
+                        "num_tokens": num_tokens,
                     }
                     rec.update(
                         {
                             k: float(v)
                             for k, v in m.items()
-                            if k not in rec and k not in ("tokens",) and np.ndim(v) == 0
+                            if k not in rec and k not in SUMMED and np.ndim(v) == 0
                         }
                     )
                     metrics.write(step, rec)
                     progress.update(step, mean_loss, tps)
-                    step_time, steps_since_log, loss_sum = 0.0, 0, 0.0
+                    step_time, steps_since_log, loss_sum, tokens_since_log = 0.0, 0, 0.0, 0.0
 
                 stopping = stop.signum is not None
                 if (

@@ -131,8 +131,8 @@ def test_cli_streams_text_with_the_directory_tokenizer(hf_dir, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_cli_on_a_trained_checkpoint(tmp_path, capsys):
-    from llmjax.checkpoint import load_run
     from llmjax.cli import main as llmjax_main
+    from llmjax.runs import load_run
     from tests.train.helpers import cli_args
 
     out = tmp_path / "run"

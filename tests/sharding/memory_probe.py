@@ -49,7 +49,7 @@ def compiled_bytes(cfg, batch_size, seq_len, mesh=None, rules="dp"):
 
     import llmjax
     from llmjax import sharding
-    from llmjax.train.losses import next_token_loss
+    from llmjax.losses import next_token_loss
     from llmjax.train.mesh import state_shardings
     from llmjax.train.step import init_state, make_train_step
 
@@ -69,13 +69,13 @@ def compiled_bytes(cfg, batch_size, seq_len, mesh=None, rules="dp"):
         state_sh = state_shardings(model, tx, mesh, rules)
         rep = state_sh["step"]
         b_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
-        kw = dict(in_shardings=(state_sh, b_sh), out_shardings=(state_sh, rep))
+        kw = dict(in_shardings=(state_sh, {}, b_sh), out_shardings=(state_sh, rep))
     step = jax.jit(make_train_step(next_token_loss(model), tx), donate_argnums=0, **kw)
     if mesh is not None:
         with sharding.activation_rules(mesh, rules):
-            compiled = step.lower(state, batch).compile()
+            compiled = step.lower(state, {}, batch).compile()
     else:
-        compiled = step.lower(state, batch).compile()
+        compiled = step.lower(state, {}, batch).compile()
     m = compiled.memory_analysis()
     return (
         m.argument_size_in_bytes

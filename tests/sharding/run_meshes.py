@@ -34,7 +34,7 @@ def main():
 
     import llmjax
     from llmjax import sharding
-    from llmjax.train.losses import next_token_loss
+    from llmjax.losses import next_token_loss
     from llmjax.train.mesh import state_shardings
     from llmjax.train.step import init_state, make_train_step
 
@@ -75,7 +75,7 @@ def main():
             losses = []
             for batch in batches:
                 local = {k: v[rows] for k, v in batch.items()}
-                state, metrics = step(state, sharding.shard_batch(local, mesh))
+                state, metrics = step(state, {}, sharding.shard_batch(local, mesh))
                 losses.append(float(metrics["loss"]))
         spec_of = lambda x: str(tuple(x.sharding.spec))
         results[item] = {

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from llmjax.checkpoint import read_meta
-from llmjax.checkpoint.load import load_run
 from llmjax.cli import HelpFormatter, build_pretrain_config, main, parser
 from llmjax.cli_eval import heldout_rows
 from llmjax.data import DataConfig, Tokenizer, TokenizerConfig
 from llmjax.data.pipeline import load_documents
 from llmjax.recipes import pretrain
+from llmjax.runs import load_run
 from llmjax.train.metrics import read_metrics
 from tests.train.helpers import cli_args, corpus_paths
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import shutil
 import sys
@@ -6,14 +7,15 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import llmjax
 from llmjax.checkpoint import step_dirs
 from llmjax.data import build_data
+from llmjax.recipes import pretrain
 from llmjax.train import (
     TrainingDiverged,
-    make_optimizer,
     make_train_step,
     next_token_loss,
     train,
@@ -26,8 +28,10 @@ from tests.train.helpers import replace, small_config
 def run(cfg, out, loss=None):
     model = llmjax.build(cfg.model)
     data = build_data(cfg.data, out, cfg.model.vocab_size)
-    loss = loss or next_token_loss(model, cfg.loop.z_loss)
-    return train(cfg, model, loss, data, out, log=lambda *_: None)
+    task = pretrain.task(cfg, model, data)
+    if loss is not None:
+        task = dataclasses.replace(task, loss=loss)
+    return train(cfg, task, out, log=lambda *_: None)
 
 
 def test_loss_falls_within_a_few_dozen_steps(tmp_path):
@@ -56,12 +60,16 @@ def test_loss_falls_within_a_few_dozen_steps(tmp_path):
     assert step_dirs(tmp_path / "checkpoints") == [40, 39, 36]
 
 
-def test_grad_accumulation_matches_one_big_batch(tmp_path):
+def test_grad_accumulation_weights_micro_batches_by_their_tokens(tmp_path):
+    """Two micro-batches with very unequal loss masks give exactly one step on the whole batch."""
     cfg = small_config()
     model = llmjax.build(cfg.model)
     data = build_data(cfg.data, tmp_path, cfg.model.vocab_size)
-    batch = jax.tree.map(jnp.asarray, next(data.train))
-    tx = make_optimizer(cfg.optim, 10)
+    batch = dict(next(data.train))
+    mask = np.ones_like(batch["loss_mask"])
+    mask[: len(mask) // 2, 3:] = 0  # the first half scores 3 tokens a row, the second all
+    batch = jax.tree.map(jnp.asarray, {**batch, "loss_mask": mask})
+    tx = optax.sgd(1.0)
     params = jax.jit(model.init)(jax.random.PRNGKey(0))
     state = {
         "step": jnp.int32(0),
@@ -69,15 +77,20 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         "opt_state": tx.init(params),
         "rng": jax.random.PRNGKey(1),
     }
-    loss = next_token_loss(model)
-    one, m1 = jax.jit(make_train_step(loss, tx, grad_accum=1))(state, batch)
-    two, m2 = jax.jit(make_train_step(loss, tx, grad_accum=2))(state, batch)
-    # Each micro-batch's loss is a mean over its own tokens: equal when the masks hold equal
-    # counts, so compare gradient norms and parameters rather than assume it.
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=2e-2)
+    loss = next_token_loss(model, accuracy=True)
+    one, m1 = jax.jit(make_train_step(loss, tx, grad_accum=1))(state, {}, batch)
+    two, m2 = jax.jit(make_train_step(loss, tx, grad_accum=2))(state, {}, batch)
+    for k in ("loss", "grad_norm", "mean_token_accuracy", "tokens", "num_tokens"):
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-6, err_msg=k)
+    assert float(m1["tokens"]) == mask.sum()
     for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"]), strict=True):
-        np.testing.assert_allclose(a, b, atol=3e-4)
+        np.testing.assert_allclose(a, b, atol=1e-6)
     assert int(two["step"]) == 1
+    # The old rule (the mean of the micro-batches' means) is measurably different here.
+    n = len(mask) // 2
+    halves = [jax.tree.map(lambda x, i=i: x[i * n : i * n + n], batch) for i in range(2)]
+    mean_of_means = np.mean([float(loss(params, {}, h, None)[0]) for h in halves])
+    assert abs(mean_of_means - float(m1["loss"])) > 1e-3
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -87,8 +100,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = llmjax.build(cfg.model)
     good = next_token_loss(model)
 
-    def poisoned(params, batch, rng):
-        loss, aux = good(params, batch, rng)
+    def poisoned(params, frozen, batch, rng):
+        loss, aux = good(params, frozen, batch, rng)
         return loss * jnp.nan, aux
 
     cfg = replace(cfg, loop=replace(cfg.loop, steps=12))

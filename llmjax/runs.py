@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
-from llmjax.checkpoint.manager import (
+from llmjax.checkpoint import (
     CheckpointDamaged,
     CheckpointError,
     checkpoint_candidates,
-    log,
     read_meta,
     restore,
 )
@@ -37,7 +37,7 @@ def load_run(path: str | Path, notify=None) -> LoadedRun:
     logger) and the previous one is used; nothing is moved, since reading must not change a
     run that may still be training. An explicit step directory never falls back.
     """
-    notify = notify or log.warning
+    notify = notify or logging.getLogger("llmjax").warning
     candidates = checkpoint_candidates(path)
     damaged = []
     for step_dir in candidates:
@@ -56,8 +56,8 @@ def load_run(path: str | Path, notify=None) -> LoadedRun:
 
 def _load_step(step_dir: Path) -> LoadedRun:
     import llmjax
+    from llmjax.config import model_config_from_dict
     from llmjax.data import DataError, Tokenizer
-    from llmjax.train.config import model_config_from_dict
 
     meta = read_meta(step_dir)
     cfg = meta["config"]
