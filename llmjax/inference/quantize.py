@@ -1,4 +1,4 @@
-"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups.
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 and NF4 in blocks.
 
 Format. A weight is viewed as a matrix ``[I, O]`` (its input dims flattened first, then its
 output dims) and stored as a ``QuantizedTensor``:
@@ -9,6 +9,10 @@ output dims) and stored as a ``QuantizedTensor``:
   ``[I/g, 1, O]`` = max|w| / 7 per group and output; values in [-8, 7] are stored offset by 8, two
   per byte (``q`` uint8 ``[I/g, g/2, O]``, low nibble first), so the stored weight is half a byte
   per value plus one scale per group.
+- ``nf4`` (QLoRA's 4-bit NormalFloat): the same blocks and packing as int4, with ``scale`` =
+  max|w| per block and each value stored as the index of the nearest of 16 levels in [-1, 1]
+  (``NF4_LEVELS``), not as an integer: the levels are quantiles of a normal distribution, so they
+  sit closer together where most weights of a block are (near zero).
 
 Which weights: every parameter whose logical axes (``model.param_axes()``) make it a linear map:
 first axis ``embed`` (q/k/v, MLP gate/up, untied ``lm_head``: the input is ``embed``) or last axis
@@ -33,7 +37,35 @@ from flax import struct
 from llmjax import axes as ax
 from llmjax.errors import InputError
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "nf4")
+
+# The NormalFloat4 levels as published (Dettmers et al., 2023, QLoRA, appendix E) and used by
+# bitsandbytes: quantiles of N(0, 1), 8 for the positive side and 7 for the negative side so that
+# 0 is exact, divided by the largest. Kept as published (float32) rather than recomputed, so a
+# code dequantizes to the same value here as in other NF4 implementations.
+NF4_LEVELS = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
+# A value above the midpoint of two neighbouring levels takes the upper one (as bitsandbytes).
+_NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 
 
 @struct.dataclass
@@ -45,6 +77,7 @@ class QuantizedTensor:
     n_in: int = struct.field(pytree_node=False)  # how many leading (permuted) dims are input
     bits: int = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False)
+    mode: str = struct.field(pytree_node=False)  # "int8", "int4" or "nf4"
 
     def dequantize(self) -> jax.Array:
         if self.bits == 8:
@@ -52,8 +85,11 @@ class QuantizedTensor:
         else:
             low = (self.q & 0xF).astype(jnp.int32)
             high = (self.q >> 4).astype(jnp.int32)
-            groups = jnp.stack([low, high], axis=2).reshape(self.q.shape[0], -1, self.q.shape[-1])
-            w = (groups - 8).astype(jnp.float32) * self.scale
+            codes = jnp.stack([low, high], axis=2).reshape(self.q.shape[0], -1, self.q.shape[-1])
+            if self.mode == "nf4":
+                w = jnp.asarray(NF4_LEVELS)[codes] * self.scale
+            else:
+                w = (codes - 8).astype(jnp.float32) * self.scale
         permuted = tuple(self.shape[i] for i in self.perm)
         w = w.reshape(permuted).transpose(np.argsort(self.perm))
         return w.astype(self.dtype)
@@ -81,31 +117,37 @@ def quantize_tensor(w, in_axes: tuple[int, ...], mode: str, group_size: int = 64
     perm = tuple(in_axes) + out_axes
     I = math.prod(w.shape[i] for i in in_axes)
     w2 = jnp.transpose(w, perm).reshape(I, -1).astype(jnp.float32)
-    meta = dict(shape=tuple(w.shape), perm=perm, n_in=len(in_axes), dtype=str(w.dtype))
+    meta = dict(shape=tuple(w.shape), perm=perm, n_in=len(in_axes), dtype=str(w.dtype), mode=mode)
     if mode == "int8":
         scale = jnp.max(jnp.abs(w2), axis=0, keepdims=True) / 127.0
         scale = jnp.where(scale > 0, scale, 1.0)
         q = jnp.clip(jnp.round(w2 / scale), -127, 127).astype(jnp.int8)
         return QuantizedTensor(q=q, scale=scale, bits=8, **meta)
-    check_group_size(group_size, I, w.shape)
+    check_group_size(group_size, I, w.shape, mode)
     w3 = w2.reshape(I // group_size, group_size, -1)
-    scale = jnp.max(jnp.abs(w3), axis=1, keepdims=True) / 7.0
-    scale = jnp.where(scale > 0, scale, 1.0)
-    q = (jnp.clip(jnp.round(w3 / scale), -8, 7) + 8).astype(jnp.uint8)
+    absmax = jnp.max(jnp.abs(w3), axis=1, keepdims=True)
+    if mode == "nf4":
+        scale = jnp.where(absmax > 0, absmax, 1.0)
+        q = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), w3 / scale, side="left")
+        q = q.astype(jnp.uint8)
+    else:
+        scale = absmax / 7.0
+        scale = jnp.where(scale > 0, scale, 1.0)
+        q = (jnp.clip(jnp.round(w3 / scale), -8, 7) + 8).astype(jnp.uint8)
     pairs = q.reshape(I // group_size, group_size // 2, 2, -1)
     packed = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
     return QuantizedTensor(q=packed, scale=scale, bits=4, **meta)
 
 
-def check_group_size(group_size, size: int, shape) -> None:
-    """int4 groups pack two nibbles per byte and tile a weight's input: even, and a divisor."""
+def check_group_size(group_size, size: int, shape, mode: str = "int4") -> None:
+    """4-bit groups pack two nibbles per byte and tile a weight's input: even, and a divisor."""
     ok = isinstance(group_size, int) and group_size > 0
     if ok and not (group_size % 2 or size % group_size):
         return
     fits = [g for g in range(2, size + 1, 2) if not size % g]
     fix = f"pick an even divisor of {size}, e.g. {([g for g in fits if g <= 64] or fits)[-1]}"
     raise InputError(
-        f"int4 group_size={group_size!r}: must be even and divide the input size {size} of a "
+        f"{mode} group_size={group_size!r}: must be even and divide the input size {size} of a "
         f"weight of shape {tuple(shape)}; {fix if fits else 'use int8'}"
     )
 
@@ -122,9 +164,9 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64):
         in_axes = linear_input_axes(tuple(n))
         return [] if in_axes is None else [(math.prod(p.shape[i] for i in in_axes), p.shape)]
 
-    if mode == "int4":  # every weight is checked before any is quantized
+    if mode != "int8":  # every weight is checked before any is quantized
         for size, shape in linear(params, names):
-            check_group_size(group_size, size, shape)
+            check_group_size(group_size, size, shape, mode)
 
     def visit(p, n):
         if isinstance(p, dict):
