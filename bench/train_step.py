@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llmjax  # noqa: E402
 from llmjax.config import dtype_of  # noqa: E402
-from llmjax.train import OptimizerConfig, make_optimizer, make_train_step  # noqa: E402
 from llmjax.losses import next_token_loss  # noqa: E402
+from llmjax.train import OptimizerConfig, make_optimizer, make_train_step  # noqa: E402
 from llmjax.train.step import init_state  # noqa: E402
 
 

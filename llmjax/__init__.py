@@ -49,6 +49,20 @@ def generate(model, params, prompts, **kwargs):
     return _generate(model, params, prompts, **kwargs)
 
 
+def load(path):
+    """``(model, params)`` from a run of any recipe (LoRA adapters applied), ready for ``apply``."""
+    from llmjax.runs import load as _load
+
+    return _load(path)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a run, a Hugging Face directory, a tokenizer.json or a .model file."""
+    from llmjax.runs import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)
+
+
 def from_hf(path, **kwargs):
     """Load a local Hugging Face model directory: returns ``(model, params)``."""
     from llmjax.interop.hf import from_hf as _from_hf
@@ -73,5 +87,7 @@ __all__ = [
     "build",
     "from_hf",
     "generate",
+    "load",
+    "load_tokenizer",
     "to_hf",
 ]

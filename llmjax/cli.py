@@ -133,24 +133,29 @@ def _cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import shutil
-
     import llmjax
     from llmjax.checkpoint.manager import absolute
     from llmjax.errors import ConfigError
     from llmjax.runs import load_run
 
     run = load_run(args.ckpt)
-    model, params, tok, step_dir = run.model, run.params, run.tokenizer, run.step_dir
-    out, run_dir = absolute(args.out), step_dir.parent.parent
+    out, run_dir = absolute(args.out), run.step_dir.parent.parent
     if out == run_dir or run_dir / "checkpoints" in (out, *out.parents):
         raise ConfigError(
             f"--out {args.out} is the run's own directory; export to a directory of its own, "
             f"e.g. --out {args.ckpt.rstrip('/')}-hf"
         )
-    llmjax.to_hf(model, params, args.out)
-    shutil.copy(tok.path, Path(args.out) / "tokenizer.model")
-    print(f"wrote {args.out} from {step_dir}")
+    if run.lora is not None and not args.merge:
+        from llmjax.interop.peft import to_peft
+
+        base = run.meta["config"]["base"]
+        to_peft(run.model, run.adapters, run.lora, out, base_model_name_or_path=base)
+        what = f"LoRA adapters (PEFT) for the base {base}"
+    else:
+        llmjax.to_hf(run.model, run.params, out)
+        what = "a Hugging Face model" + (" (adapters merged)" if run.lora is not None else "")
+    run.tokenizer.save(out)
+    print(f"wrote {what} to {args.out} from {run.step_dir}")
     return 0
 
 
@@ -274,6 +279,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
+    from llmjax.cli_sft import add_parser as _add_sft
+
+    _add_sft(sub)
 
     ev = sub.add_parser(
         "eval",
@@ -317,13 +325,20 @@ def parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "export",
-        help="write a Hugging Face directory from a trained run",
-        description="Write config.json, model.safetensors and tokenizer.model from a checkpoint.",
+        help="write a Hugging Face directory (or a PEFT adapter directory) from a trained run",
+        description="Write config.json, model.safetensors and the tokenizer from a checkpoint; "
+        "a LoRA run's adapters as a PEFT directory unless --merge.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
     ex.add_argument("--ckpt", required=True, metavar="DIR", help=CKPT_HELP)
     ex.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
+    ex.add_argument(
+        "--merge",
+        action="store_true",
+        help="for a LoRA run: write the base with the adapters merged in, a plain Hugging Face "
+        "model (default: the adapters alone, as a PEFT directory)",
+    )
     ex.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser(

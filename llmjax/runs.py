@@ -1,4 +1,9 @@
-"""Load a trained run for evaluation, sampling or export: model, parameters and tokenizer."""
+"""Load a trained run for evaluation, sampling or export: model, parameters and tokenizer.
+
+A pretraining run's checkpoint holds every parameter. A fine-tuning run's holds only what trained
+(adapters, or the trained subset) plus the base's location and hash: the base is read again,
+checked against that hash, and combined, so ``llmjax.load(RUN)`` is a ready model either way.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from llmjax.errors import one_line
 @dataclass
 class LoadedRun:
     model: object  # llmjax.Model
-    params: dict
-    meta: dict  # the checkpoint's JSON item: step, data position, full config, tokenizer hash
-    tokenizer: object  # llmjax.data.Tokenizer
+    params: dict  # every parameter, ready for model.apply (adapters merged in)
+    meta: dict  # the checkpoint's JSON item: step, data position, full config, identity
+    tokenizer: object  # llmjax.data.Tokenizer or HFTokenizer
     step_dir: Path
+    adapters: dict | None = None  # a LoRA run's adapters, as trained
+    lora: object = None  # its LoraConfig
+    base_params: dict | None = None  # a LoRA run's base as trained (dequantized for QLoRA)
 
 
 def load_run(path: str | Path, notify=None) -> LoadedRun:
@@ -54,30 +62,103 @@ def load_run(path: str | Path, notify=None) -> LoadedRun:
     )
 
 
+def _on_device(tree):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+
 def _load_step(step_dir: Path) -> LoadedRun:
     import llmjax
     from llmjax.config import model_config_from_dict
-    from llmjax.data import DataError, Tokenizer
 
     meta = read_meta(step_dir)
     cfg = meta["config"]
     model = llmjax.build(model_config_from_dict(cfg["model"]))
-    # Only the parameters are read; the optimizer state beside them stays on disk.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), model.abstract_params()
+    tok = _run_tokenizer(step_dir, meta)
+    if "base" not in meta.get("identity", {}):
+        # Only the parameters are read; the optimizer state beside them stays on disk.
+        state, meta = restore(
+            step_dir, {"params": _on_device(model.abstract_params())}, partial=True
+        )
+        return LoadedRun(model, state["params"], meta, tok, step_dir)
+    return _load_finetuned(step_dir, meta, model, tok)
+
+
+def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
+    from llmjax.data import DataError
+    from llmjax.inference.quantize import dequantize, quantize
+    from llmjax.lora import LoraConfig, apply_lora, init_lora
+    from llmjax.recipes.sft import load_base
+    from llmjax.train.task import join, split_trainable
+
+    cfg = meta["config"]
+    base = load_base(cfg["base"])
+    if base.source["sha256"] != meta["identity"]["base"]:
+        raise DataError(
+            f"the base model at {cfg['base']} changed since {step_dir} was trained from it "
+            "(its files' hash differs); put the original base back at that path"
+        )
+    if cfg.get("lora"):
+        lora = LoraConfig(**cfg["lora"])
+        abstract = jax.eval_shape(lambda: init_lora(model, lora, jax.random.PRNGKey(0)))
+        state, meta = restore(step_dir, {"params": _on_device(abstract)}, partial=True)
+        frozen = base.params
+        if cfg.get("quantize_base"):  # the forward it trained with saw the quantized base
+            frozen = dequantize(quantize(model, base.params, cfg["quantize_base"]))
+        params = jax.jit(apply_lora, static_argnums=2)(frozen, state["params"], lora)
+        return LoadedRun(model, params, meta, tok, step_dir, state["params"], lora, frozen)
+    trained, rest = (
+        split_trainable(base.params, cfg["trainable"])
+        if cfg.get("trainable")
+        else (base.params, {})
     )
-    state, meta = restore(step_dir, {"params": abstract}, partial=True)
+    state, meta = restore(step_dir, {"params": _on_device(_shapes(trained))}, partial=True)
+    return LoadedRun(model, join(state["params"], rest), meta, tok, step_dir)
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _run_tokenizer(step_dir: Path, meta: dict):
+    """The tokenizer with the hash the run recorded: in its ``tokenizer/``, or where configured."""
+    from llmjax.data import DataError
+    from llmjax.data.hf_tokenizer import open_tokenizer
+
     run_dir = step_dir.parent.parent
-    candidates = sorted((run_dir / "tokenizer").glob("*.model"))
-    candidates += [Path(cfg["data"]["tokenizer"])] if cfg["data"]["tokenizer"] else []
+    want = meta.get("identity", {}).get("tokenizer_sha256") or meta["tokenizer_sha256"]
+    configured = meta["config"].get("data", {}).get("tokenizer")
+    candidates = sorted((run_dir / "tokenizer").glob("*"))
+    candidates += [Path(configured)] if configured else []
     for cand in candidates:
-        if cand.is_file():
-            tok = Tokenizer.load(cand)
-            if tok.sha256 == meta["tokenizer_sha256"]:
-                return LoadedRun(model, state["params"], meta, tok, step_dir)
+        if cand.exists() and not cand.name.startswith("."):
+            try:
+                tok = open_tokenizer(cand)
+            except DataError:
+                continue
+            if tok.sha256 == want:
+                return tok
     raise DataError(
-        f"the tokenizer of {step_dir} (sha256 {meta['tokenizer_sha256'][:12]}) is neither in "
+        f"the tokenizer of {step_dir} (sha256 {want[:12]}) is neither in "
         f"{run_dir / 'tokenizer'} nor at its configured path; copy the tokenizer the run was "
         "trained with into that directory"
     )
+
+
+def load(path, notify=None):
+    """``(model, params)`` ready for ``model.apply`` from any run: pretrained, fully fine-tuned or
+    LoRA (adapters applied), the newest usable checkpoint of ``path``."""
+    run = load_run(path, notify)
+    return run.model, run.params
+
+
+def load_tokenizer(path):
+    """The tokenizer of a run (the one it trained with), a Hugging Face directory, a
+    ``tokenizer.json`` or a SentencePiece ``.model`` file."""
+    from llmjax.data.hf_tokenizer import open_tokenizer
+
+    p = Path(path)
+    if p.is_dir() and ((p / "checkpoints").is_dir() or p.parent.name == "checkpoints"):
+        step = checkpoint_candidates(p)[0]
+        return _run_tokenizer(step, read_meta(step))
+    return open_tokenizer(p)

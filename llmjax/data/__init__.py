@@ -1,7 +1,9 @@
 """Text → tokens → packed, shuffled, resumable batches."""
 
+from llmjax.data.hf_tokenizer import HFTokenizer, open_tokenizer
 from llmjax.data.packing import Batch, BatchIterator, PackedRows, eval_batches
 from llmjax.data.pipeline import Data, DataConfig, build_data
+from llmjax.data.sft import SFTData, SFTDataConfig, build_sft_data
 from llmjax.data.sources import DataError, Document, read_documents, resolve_paths, stdlib_files
 from llmjax.data.tokenizer import Tokenizer, TokenizerConfig
 from llmjax.data.tokens import TokenStream, tokenize_documents
@@ -13,12 +15,17 @@ __all__ = [
     "DataConfig",
     "DataError",
     "Document",
+    "HFTokenizer",
     "PackedRows",
+    "SFTData",
+    "SFTDataConfig",
     "TokenStream",
     "Tokenizer",
     "TokenizerConfig",
     "build_data",
+    "build_sft_data",
     "eval_batches",
+    "open_tokenizer",
     "read_documents",
     "resolve_paths",
     "stdlib_files",

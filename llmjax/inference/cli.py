@@ -3,9 +3,10 @@
     llmjax generate --ckpt runs/pretrain --prompt "To be" --temperature 0.8 --top-p 0.9
     llmjax generate --hf DIR --prompt-ids 1,5,9 --max-new-tokens 20          # no tokenizer needed
     llmjax generate --hf DIR --prompt "x" --draft SMALL_DIR --quantize int8   # speculative, int8
+    llmjax generate --ckpt runs/sft --chat --prompt "What is two plus two?"     # chat template
 
-A Hugging Face directory's tokenizer is its SentencePiece ``tokenizer.model`` (what ``llmjax
-export`` writes); without one, give the prompt as ids with ``--prompt-ids``.
+A Hugging Face directory's tokenizer is its ``tokenizer.json`` or ``tokenizer.model`` (what
+``llmjax export`` writes); without one, give the prompt as ids with ``--prompt-ids``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ def load(path: str, kind: str):
         run = load_run(path)
         return run.model, run.params, run.tokenizer
     import llmjax
-    from llmjax.data import Tokenizer
+    from llmjax.data.hf_tokenizer import open_tokenizer
 
     model, params = llmjax.from_hf(path)
-    spm = Path(path) / "tokenizer.model"
-    return model, params, (Tokenizer.load(spm) if spm.is_file() else None)
+    return model, params, (open_tokenizer(path) if _has_tokenizer(path) else None)
+
+
+def _has_tokenizer(path) -> bool:
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     )
     text.add_argument(
         "--prompt-ids", help="comma-separated token ids, e.g. 1,5,9 (no default: this or --prompt)"
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="--prompt is a user message: wrap it in the model's chat template and stop at the "
+        "end of the reply (default: %(default)s, a plain continuation)",
     )
     p.add_argument(
         "--max-new-tokens",
@@ -140,12 +150,17 @@ def check_args(args) -> None:
         validate.fail("prompt_ids", repr(args.prompt_ids), "give at least one token id", True)
     if args.stop_ids is not None:
         _ids("stop_ids", args.stop_ids)
-    if args.hf and args.prompt is not None and not (Path(args.hf) / "tokenizer.model").is_file():
+    if args.hf and args.prompt is not None and not _has_tokenizer(args.hf):
         validate.fail(
             "prompt",
             repr(args.prompt),
-            f"{args.hf} has no tokenizer.model to encode it; give token ids with --prompt-ids",
+            f"{args.hf} has no tokenizer.model or tokenizer.json to encode it; give token ids "
+            "with --prompt-ids",
             True,
+        )
+    if args.chat and args.prompt is None:
+        validate.fail(
+            "chat", "--prompt-ids", "--chat needs the message as text: give --prompt", True
         )
 
 
@@ -162,17 +177,20 @@ def main(argv=None) -> int:
             kind,
             path,
             f"its tokenizer has {tok.vocab_size} pieces but the model only {V} ids; the "
-            "tokenizer.model does not belong to this model",
+            "tokenizer does not belong to this model",
             True,
         )
-    if args.prompt is not None:
-        prompt = [tok.bos_id] + tok.encode(args.prompt)
+    if args.chat:
+        message = [{"role": "user", "content": args.prompt}]
+        prompt = tok.apply_chat_template(message, add_generation_prompt=True)
+    elif args.prompt is not None:
+        prompt = tok.encode(args.prompt, add_special_tokens=True)
     else:
         prompt = validate.token_ids("prompt_ids", _ids("prompt_ids", args.prompt_ids), V, True)
     if args.stop_ids:
         stops = validate.token_ids("stop_ids", _ids("stop_ids", args.stop_ids), V, True)
     else:
-        stops = [tok.eos_id] if tok else []
+        stops = list(tok.stop_ids) if tok else []
     if args.quantize:
         params = quantize(model, params, args.quantize, args.group_size)
         model = QuantizedModel(model)
@@ -189,7 +207,7 @@ def main(argv=None) -> int:
         stop_tokens=stops,
         seed=args.seed,
     )
-    if args.prompt is not None:
+    if args.prompt is not None and not args.chat:
         sys.stdout.write(args.prompt)
     sys.stdout.flush()
 

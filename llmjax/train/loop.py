@@ -267,6 +267,8 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
     main = distributed.is_main_process()  # process 0 writes metrics and shows progress
     metrics = MetricsLog(out, resume_step=start, enabled=main)
     progress = Progress(loop.steps, start, loop.progress and main)
+    if restored is None and task.start_metrics:
+        metrics.write(0, task.start_metrics)
     result = TrainResult(start, state, resumed_from=start if restored else None)
     last_saved = start if restored else None
     # Since the last log line: seconds in data + step only (not eval or saving), steps, the sums

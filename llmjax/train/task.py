@@ -13,7 +13,8 @@ The loop knows nothing of pretraining, fine-tuning or adapters. A recipe gives i
 - ``evaluate(params, frozen) -> dict`` of further eval metrics (exact match, ...);
 - ``identity``: what a checkpoint must have been trained with to be resumed (the tokenizer's and
   the data's fingerprints, the base's hash, ...), recorded in every checkpoint and compared on
-  resume; ``model`` the model config whose differences are named when they disagree.
+  resume; ``model`` the model config whose differences are named when they disagree;
+  ``start_metrics``: numbers logged once at step 0 (trainable parameter counts, ...).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Task:
     evaluate: Callable[[dict, dict], dict] | None = None
     identity: dict = field(default_factory=dict)
     tokenizer: object = None
+    start_metrics: dict = field(default_factory=dict)  # logged at step 0 of a fresh run
 
 
 def tree_shardings(axes, abstract, mesh, rules):

@@ -531,7 +531,7 @@ CLI = [
     Cli(
         "llmjax generate: --prompt without tokenizer.model",
         lambda e: ["generate", "--hf", _no_tokenizer(e), "--prompt", "To be"],
-        "has no tokenizer.model to encode it; give token ids with --prompt-ids",
+        "has no tokenizer.model or tokenizer.json to encode it; give token ids",
     ),
     Cli(
         "llmjax generate: a tokenizer larger than the model",

@@ -1,0 +1,83 @@
+"""A tiny Hugging Face chat model built here: byte-level BPE tokenizer with a ChatML template,
+random Llama weights, and arithmetic records in TRL's prompt/completion format."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(out: Path):
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rng = random.Random(0)
+    words = NUMBERS + ["plus", "minus", "what", "is", "the", "answer"]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", bos)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|eos|>"
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_base(out: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A random 2-layer Llama with its tokenizer in ``out`` (float32 safetensors)."""
+    import torch
+    import transformers
+
+    fast = make_tokenizer(out)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def write_records(path: Path, extra: list[str] = ()) -> Path:
+    """Single-digit sums as {"prompt", "completion"} records, plus raw ``extra`` lines."""
+    lines = [
+        json.dumps(
+            {
+                "prompt": f"what is {NUMBERS[a]} plus {NUMBERS[b]}",
+                "completion": f" {NUMBERS[a + b]}",
+            }
+        )
+        for a in range(10)
+        for b in range(10)
+        if a + b < 10
+    ]
+    path.write_text("\n".join([*lines, *extra]) + "\n")
+    return path
