@@ -49,6 +49,12 @@ def add_parser(sub) -> None:
         "layer)",
     )
     sp.add_argument(
+        "--lora-dropout",
+        type=float,
+        metavar="P",
+        help="dropout on the adapters' input during training, as PEFT's lora_dropout (default: 0)",
+    )
+    sp.add_argument(
         "--quantize-base",
         choices=("int8", "nf4"),
         help="store the frozen base quantized while adapters train in float32 (QLoRA; default: "
@@ -78,11 +84,12 @@ def build_config(args):
             rank=args.lora_rank,
             alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
             targets=args.lora_targets or DEFAULT_TARGETS,
+            dropout=args.lora_dropout or 0.0,
         )
-    elif args.lora_alpha is not None or args.lora_targets:
+    elif args.lora_alpha is not None or args.lora_targets or args.lora_dropout is not None:
         from llmjax.config import ConfigError
 
-        raise ConfigError("--lora-alpha and --lora-targets need --lora-rank R (LoRA)")
+        raise ConfigError("--lora-alpha, --lora-targets and --lora-dropout need --lora-rank R")
     cfg = SFTConfig(base=_absolute(args.base), lora=lora, quantize_base=args.quantize_base or "")
     flags = {
         "data.path": _absolute(args.data),

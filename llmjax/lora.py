@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters kept in their own pytree and applied by merging into the weights.
+"""LoRA: low-rank adapters kept in their own pytree, applied inside the layers.
 
     cfg = LoraConfig(rank=8, alpha=16.0)
     adapters = init_lora(model, cfg, key)                  # the only trainable tree
@@ -6,10 +6,15 @@
 
 For a targeted weight ``W`` with input dims ``I...`` and output dims ``O...`` (as
 ``linear_input_axes`` decides; the input dims always lead), the adapter is ``a [I..., R]`` and
-``b [R, O...]`` (float32), and the model sees ``W + scale * (a . b)`` with
-``scale = alpha / R`` (``alpha / sqrt(R)`` with ``rslora``). ``b`` starts at zero, so training
-starts exactly at the base model. The base may be quantized (``quantize(model, params, "nf4")``):
-each ``QuantizedTensor`` is dequantized before the sum, which is QLoRA.
+``b [R, O...]`` (float32), and the model computes ``x . W + scale * (dropout(x) . a) . b`` with
+``scale = alpha / R`` (``alpha / sqrt(R)`` with ``rslora``), PEFT's forward: ``apply_lora`` puts a
+``LoraWeight`` where each targeted weight was, and the layers' projections
+(``llmjax.layers.params.project``) compute the two products without ever forming
+``W + scale * a . b``, so no merged copy of the model is alive during training. ``b`` starts at
+zero, so training starts exactly at the base model. The base may be quantized
+(``quantize(model, params, "nf4")``): each ``QuantizedTensor`` is dequantized inside its layer and
+again in the backward pass instead of being kept, which is QLoRA. ``merge`` forms the merged
+weights, to export or serve.
 
 Parameters are named by dotted paths of their keys (``layers.3.attn.wq``, ``lm_head``), the names
 ``LoraConfig.targets`` is matched against; adapters are a nested dict with the parameters' own
@@ -25,9 +30,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from llmjax.errors import ConfigError, InputError
 from llmjax.inference.quantize import QuantizedTensor, linear_input_axes
+from llmjax.layers.params import flat_einsum
 
 # Every attention and MLP projection of every layer; not the output head or the embeddings.
 DEFAULT_TARGETS = r"layers\.\d+\.(attn\.(wq|wk|wv|wo)|mlp\.(gate|up|down))"
@@ -41,8 +48,11 @@ class LoraConfig:
     alpha: float = 16.0
     targets: str = DEFAULT_TARGETS
     rslora: bool = False
+    dropout: float = 0.0  # on the adapter's input, during training only (PEFT's lora_dropout)
 
     def __post_init__(self):
+        if not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout={self.dropout!r}: must be in [0, 1), e.g. 0.05")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ConfigError(f"lora rank={self.rank!r}: must be a positive int, e.g. 8")
         alpha = self.alpha
@@ -288,14 +298,83 @@ def _combine(base, adapters, cfg: LoraConfig, sign: float, freeze: bool) -> dict
     return nest(items)
 
 
-def apply_lora(base, adapters, cfg: LoraConfig) -> dict:
-    """Parameters for ``model.apply``: each adapted ``W`` becomes ``W + scale * (a . b)``.
+@struct.dataclass
+class LoraWeight:
+    """A targeted weight in the forward pass: the frozen base (an array or a ``QuantizedTensor``)
+    and its adapter. Layers call ``project``; ``w[...]`` gives the merged weight for any other
+    reader."""
 
-    The sum is taken in float32 and cast to the weight's dtype. Quantized leaves of ``base`` are
-    dequantized (QLoRA). The base is frozen: gradients flow to ``adapters`` only (a gradient
-    taken with respect to ``base`` is zero).
+    base: object
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array | None  # dropout randomness; None: no dropout (evaluation, sampling)
+    scale: float = struct.field(pytree_node=False)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def shape(self):
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.base.dtype)
+
+    def __getitem__(self, idx):
+        w = self.base.dequantize() if isinstance(self.base, QuantizedTensor) else self.base
+        merged = w.astype(jnp.float32) + delta(self.a, self.b, self.scale)
+        return merged.astype(w.dtype)[idx]
+
+    def project(self, eq: str, x, dtype):
+        """``einsum(eq, x, W) + scale * einsum(dropout(x) . a . b)``, PEFT's LoRA forward."""
+        n_in = self.a.ndim - 1
+        if isinstance(self.base, QuantizedTensor):
+            y = self.base.project(eq, x, dtype)
+        else:
+            y = flat_einsum(eq, x, self.base.astype(dtype), n_in)
+        lhs, out = eq.split("->")
+        x_spec, w_spec = lhs.split(",")
+        ins, outs = w_spec[:n_in], w_spec[n_in:]
+        rows = "".join(c for c in x_spec if c not in ins)
+        if self.key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        xa = jnp.einsum(f"{x_spec},{ins}R->{rows}R", x, self.a.astype(dtype))
+        return y + self.scale * jnp.einsum(f"{rows}R,R{outs}->{out}", xa, self.b.astype(dtype))
+
+
+def apply_lora(base, adapters, cfg: LoraConfig, key=None) -> dict:
+    """Parameters for ``model.apply``: each targeted weight becomes a ``LoraWeight``.
+
+    The base is frozen: gradients flow to ``adapters`` only (a gradient taken with respect to
+    ``base`` is zero). Quantized leaves stay quantized until their layer reads them (QLoRA).
+    ``key`` turns on ``cfg.dropout`` (training); without it there is no dropout.
     """
-    return _combine(base, adapters, cfg, 1.0, freeze=True)
+    if not isinstance(cfg, LoraConfig):
+        raise ConfigError(f"cfg is a {type(cfg).__name__}; pass the LoraConfig of the adapters")
+    if not isinstance(base, dict):
+        raise InputError(
+            f"params is a {type(base).__name__}; pass the nested dict of arrays that model.init, "
+            "from_hf or quantize returns"
+        )
+    pairs = adapter_pairs(adapters)
+    leaves = _leaves(base)
+    absent = sorted(set(pairs) - {dotted(k) for k, _ in leaves})
+    if absent:
+        raise InputError(
+            f"adapters name {absent[:6]}, which params do not hold; pass the params of the "
+            "model the adapters were built for"
+        )
+    items = []
+    for i, (keys, w) in enumerate(leaves):
+        w = jax.lax.stop_gradient(w)
+        pair = pairs.get(dotted(keys))
+        if pair is not None:
+            _, a, b = pair
+            _check_pair(dotted(keys), a, b, tuple(w.shape), cfg.rank)
+            k = None if key is None or not cfg.dropout else jax.random.fold_in(key, i)
+            w = LoraWeight(w, a, b, k, cfg.scale, cfg.dropout)
+        items.append((keys, w))
+    return nest(items)
 
 
 def merge(base, adapters, cfg: LoraConfig) -> dict:
@@ -311,6 +390,7 @@ def unmerge(merged, adapters, cfg: LoraConfig) -> dict:
 __all__ = [
     "DEFAULT_TARGETS",
     "LoraConfig",
+    "LoraWeight",
     "ParamCount",
     "apply_lora",
     "check_adapters",

@@ -87,7 +87,7 @@ def _load_step(step_dir: Path) -> LoadedRun:
 def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
     from llmjax.data import DataError
     from llmjax.inference.quantize import dequantize, quantize
-    from llmjax.lora import LoraConfig, apply_lora, init_lora
+    from llmjax.lora import LoraConfig, init_lora, merge
     from llmjax.recipes.sft import load_base
     from llmjax.train.task import join, split_trainable
 
@@ -105,7 +105,7 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
         frozen = base.params
         if cfg.get("quantize_base"):  # the forward it trained with saw the quantized base
             frozen = dequantize(quantize(model, base.params, cfg["quantize_base"]))
-        params = jax.jit(apply_lora, static_argnums=2)(frozen, state["params"], lora)
+        params = jax.jit(merge, static_argnums=2)(frozen, state["params"], lora)
         return LoadedRun(model, params, meta, tok, step_dir, state["params"], lora, frozen)
     trained, rest = (
         split_trainable(base.params, cfg["trainable"])

@@ -11,9 +11,10 @@ import pytest
 
 import llmjax
 from llmjax.errors import ConfigError, InputError
-from llmjax.inference.quantize import dequantize, quantize
+from llmjax.inference.quantize import QuantizedTensor, dequantize, quantize
 from llmjax.lora import (
     LoraConfig,
+    LoraWeight,
     apply_lora,
     count_trainable,
     init_lora,
@@ -96,10 +97,13 @@ def test_merge_unmerge_round_trip(tiny):
     back = unmerge(merged, adapters, cfg)
     applied = apply_lora(params, adapters, cfg)
     adapted = set(lora_targets(model, cfg))
-    flat = lambda t: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(t)}
+    is_lw = lambda x: isinstance(x, LoraWeight)
+    flat = lambda t: {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(t, is_leaf=is_lw)
+    }
     p, m, b, a = (flat(t) for t in (params, merged, back, applied))
     for key, w in p.items():
-        assert np.array_equal(m[key], a[key]), key  # merge is what apply_lora computes
+        assert np.array_equal(m[key], a[key][...]), key  # merge is what a LoraWeight reads as
         dotted = ".".join(k.strip("[]'") for k in key.split("]["))
         if dotted not in adapted:
             assert np.array_equal(m[key], w) and np.array_equal(b[key], w), key
@@ -143,8 +147,9 @@ def test_gradients_are_lora_gradients_and_base_is_frozen(tiny):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (path, n_in)
 
 
-def test_gradient_matches_unmerged_reference_on_one_projection(tiny):
-    """x . (W + s A B) against the hand-written x W + s (x A) B, forward and gradients."""
+def test_projection_matches_unmerged_reference_on_one_projection(tiny):
+    """The layer's product with a ``LoraWeight`` against the hand-written x W + s (x A) B,
+    forward and gradients."""
     model, params = tiny
     cfg = LoraConfig(rank=4, alpha=8.0, targets=r"layers\.0\.mlp\.up")
     adapters = _trained(init_lora(model, cfg, jax.random.key(5)))
@@ -155,7 +160,8 @@ def test_gradient_matches_unmerged_reference_on_one_projection(tiny):
 
     def merged(ad):
         W = apply_lora(params, ad, cfg)["layers"][0]["mlp"]["up"]
-        return jnp.sum(g_BTF * jnp.einsum("BTD,DF->BTF", x_BTD, W, precision=hi))
+        assert isinstance(W, LoraWeight)
+        return jnp.sum(g_BTF * W.project("BTD,DF->BTF", x_BTD, jnp.float32))
 
     def reference(ad):
         a_DR, b_RF = ad["layers"][0]["mlp"]["up"]["a"], ad["layers"][0]["mlp"]["up"]["b"]
@@ -180,7 +186,9 @@ def test_quantized_base_is_dequantized_then_adapted(tiny, mode, group):
     adapters = _trained(init_lora(model, cfg, jax.random.key(8)))
     q = quantize(model, params, mode, group)
     on_q, on_deq = apply_lora(q, adapters, cfg), apply_lora(dequantize(q), adapters, cfg)
-    for u, v in zip(jax.tree.leaves(on_q), jax.tree.leaves(on_deq), strict=True):
+    weight = lambda x: isinstance(x, LoraWeight | QuantizedTensor)
+    read = lambda t: [w[...] if weight(w) else w for w in jax.tree.leaves(t, is_leaf=weight)]
+    for u, v in zip(read(on_q), read(on_deq), strict=True):
         assert np.array_equal(u, v)
     x = _tokens()
     # Eager, op by op: under jit XLA may fuse the dequantization with the sum (an FMA), which
@@ -201,7 +209,7 @@ def test_bf16_base_adds_in_float32_and_casts_back():
     w = params["layers"][0]["mlp"]["down"]
     a, b = adapters["layers"][0]["mlp"]["down"]["a"], adapters["layers"][0]["mlp"]["down"]["b"]
     want = (w.astype(jnp.float32) + cfg.scale * (a @ b)).astype(jnp.bfloat16)
-    assert out.dtype == jnp.bfloat16 and np.array_equal(out, want)
+    assert out.dtype == jnp.bfloat16 and np.array_equal(out[...], want)
 
 
 @pytest.mark.parametrize(
@@ -245,3 +253,27 @@ def test_mismatched_adapters_are_refused(tiny):
         apply_lora(params, {"layers": {0: {"attn": {"wq": {"a": 1.0}}}}}, cfg)
     with pytest.raises(InputError, match="which params do not hold"):
         apply_lora(params, {"nope": adapters["layers"][0]["attn"]["wq"]}, cfg)
+
+
+def test_dropout_acts_on_the_adapter_input_in_training_only(tiny):
+    """PEFT's lora_dropout: x . W + s (dropout(x) . a) . b, with a key; none without one."""
+    model, params = tiny
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=r"layers\.0\.mlp\.up", dropout=0.25)
+    adapters = _trained(init_lora(model, cfg, jax.random.key(11)))
+    x_BTD = jax.random.normal(jax.random.key(12), (2, 5, model.config.d_model))
+    W = params["layers"][0]["mlp"]["up"]
+    ad = adapters["layers"][0]["mlp"]["up"]
+    plain = apply_lora(params, adapters, cfg)["layers"][0]["mlp"]["up"]
+    assert plain.key is None
+    want = x_BTD @ W + cfg.scale * (x_BTD @ ad["a"]) @ ad["b"]
+    got = plain.project("BTD,DF->BTF", x_BTD, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    noisy = apply_lora(params, adapters, cfg, key=jax.random.key(13))["layers"][0]["mlp"]["up"]
+    keep = jax.random.bernoulli(noisy.key, 0.75, x_BTD.shape)
+    dropped = jnp.where(keep, x_BTD / 0.75, 0.0)
+    want = x_BTD @ W + cfg.scale * (dropped @ ad["a"]) @ ad["b"]
+    got = noisy.project("BTD,DF->BTF", x_BTD, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, plain.project("BTD,DF->BTF", x_BTD, jnp.float32))
+    with pytest.raises(ConfigError, match="dropout=1.0"):
+        LoraConfig(dropout=1.0)

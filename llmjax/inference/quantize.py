@@ -98,6 +98,19 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         return int(self.q.nbytes + self.scale.nbytes)
 
+    def __getitem__(self, idx):
+        """The dequantized weight (what a layer reading ``w[...]`` gets)."""
+        return self.dequantize()[idx]
+
+    def project(self, eq: str, x, dtype):
+        """``einsum(eq, x, W)``; the dequantized ``W`` is recomputed in the backward pass rather
+        than kept alive from the forward, so only the quantized blocks stay in memory."""
+        from llmjax.layers.params import flat_einsum
+
+        n_in = self.n_in if self.perm[: self.n_in] == tuple(range(self.n_in)) else 1
+        matmul = lambda x, w: flat_einsum(eq, x, w.dequantize().astype(dtype), n_in)  # noqa: E731
+        return jax.checkpoint(matmul)(x, self)
+
 
 def linear_input_axes(names: tuple) -> tuple[int, ...] | None:
     """Indices of a weight's input dims from its logical names, or None if it is not linear."""

@@ -115,7 +115,7 @@ def to_peft(model, adapters, cfg: LoraConfig, path, *, base_model_name_or_path: 
         "r": cfg.rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
         "use_rslora": cfg.rslora,
-        "lora_dropout": 0.0,
+        "lora_dropout": cfg.dropout,
         "bias": "none",
         "target_modules": _target_modules(chosen, own, fused),
         "fan_in_fan_out": layouts == {"conv"},
@@ -183,7 +183,7 @@ def from_peft(path, model) -> tuple[dict, LoraConfig]:
     """``(adapters, cfg)`` from a PEFT LoRA directory made for ``model``'s architecture.
 
     Which weights are adapted is read from the tensors; ``cfg.targets`` is a regex selecting
-    exactly them. ``lora_dropout`` is ignored (it only acts in training).
+    exactly them. ``lora_dropout`` is kept in the config (it acts in training only).
     """
     path = Path(path)
     for name in (CONFIG, WEIGHTS):
@@ -248,6 +248,7 @@ def from_peft(path, model) -> tuple[dict, LoraConfig]:
         alpha=float(config["lora_alpha"]),
         targets=_targets_regex(paths, model),
         rslora=bool(config.get("use_rslora", False)),
+        dropout=float(config.get("lora_dropout") or 0.0),
     )
     return nest(items), cfg
 

@@ -10,7 +10,7 @@ from llmjax import axes
 from llmjax.config import ModelConfig, dtype_of
 from llmjax.layers.attend import attend
 from llmjax.layers.norms import Norm
-from llmjax.layers.params import dense, zeros
+from llmjax.layers.params import dense, flat_einsum, project, zeros
 from llmjax.layers.rope import apply_rope
 
 
@@ -51,9 +51,9 @@ class Attention(nnx.Module):
         Returns the block output and, with a cache, the layer's updated (k, v) cache.
         """
         dt = self.dtype
-        q = jnp.einsum("BTD,DHC->BTHC", x_BTD, self.wq[...].astype(dt))
-        k = jnp.einsum("BTD,DKC->BTKC", x_BTD, self.wk[...].astype(dt))
-        v = jnp.einsum("BTD,DKC->BTKC", x_BTD, self.wv[...].astype(dt))
+        q = project("BTD,DHC->BTHC", x_BTD, self.wq, dt)
+        k = project("BTD,DKC->BTKC", x_BTD, self.wk, dt)
+        v = project("BTD,DKC->BTKC", x_BTD, self.wv, dt)
         if self.qkv_bias:
             q, k, v = (
                 q + self.bq[...].astype(dt),
@@ -89,8 +89,10 @@ class Attention(nnx.Module):
         # One [H*C, D] matmul: with "BTHC,HCD" XLA:CPU may pick a (C, H) activation layout and then
         # transpose the whole weight on every call (every decode step).
         B, T, H, C = out.shape
-        wo = self.wo[...].astype(dt).reshape(H * C, -1)
-        out_BTD = jnp.einsum("BTX,XD->BTD", out.astype(dt).reshape(B, T, H * C), wo)
+        if hasattr(self.wo.get_value(), "project"):  # quantized or LoRA-adapted
+            out_BTD = project("BTHC,HCD->BTD", out.astype(dt), self.wo, dt)
+        else:
+            out_BTD = flat_einsum("BTHC,HCD->BTD", out.astype(dt), self.wo[...].astype(dt), 2)
         if self.out_bias:
             out_BTD = out_BTD + self.bo[...].astype(dt)
         return out_BTD, cache

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from llmjax import axes
 from llmjax.config import ModelConfig, dtype_of
-from llmjax.layers.params import dense, zeros
+from llmjax.layers.params import dense, project, zeros
 
 ACTIVATION_FNS = {
     "silu": jax.nn.silu,
@@ -36,18 +35,18 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = self.dtype
-        h_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+        h_BTF = project("BTD,DF->BTF", x_BTD, self.up, dt)
         if self.bias:
             h_BTF = h_BTF + self.up_bias[...].astype(dt)
         if self.gated:
-            g_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
+            g_BTF = project("BTD,DF->BTF", x_BTD, self.gate, dt)
             if self.bias:
                 g_BTF = g_BTF + self.gate_bias[...].astype(dt)
             h_BTF = self.act(g_BTF) * h_BTF
         else:
             h_BTF = self.act(h_BTF)
         h_BTF = axes.constrain(h_BTF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
-        out_BTD = jnp.einsum("BTF,FD->BTD", h_BTF, self.down[...].astype(dt))
+        out_BTD = project("BTF,FD->BTD", h_BTF, self.down, dt)
         if self.bias:
             out_BTD = out_BTD + self.down_bias[...].astype(dt)
         return out_BTD

@@ -157,8 +157,8 @@ def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
         # Quantized blocks do not have the weights' shapes: they stay whole on every device.
         frozen_axes = {"base": None if cfg.quantize_base else model.param_axes()}
 
-        def params_of(adapters, frozen):
-            return apply_lora(frozen["base"], adapters, cfg.lora)
+        def params_of(adapters, frozen, rng=None):  # rng: LoRA dropout, training only
+            return apply_lora(frozen["base"], adapters, cfg.lora, key=rng)
 
         initial = lambda key: init_lora(model, cfg.lora, key)  # noqa: E731
         axes = lora_axes(model, cfg.lora)
@@ -171,14 +171,14 @@ def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
         frozen, frozen_axes = {"rest": rest}, {"rest": subtree(model.param_axes(), rest)}
         axes = subtree(model.param_axes(), initial)
 
-        def params_of(params, frozen):
+        def params_of(params, frozen, rng=None):
             return join(params, frozen["rest"])
 
         trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(initial))
         total = model.num_params()
 
     def loss(params, frozen, batch, rng):
-        return scored(params_of(params, frozen), {}, batch, rng)
+        return scored(params_of(params, frozen, rng), {}, batch, rng)
 
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return Task(
