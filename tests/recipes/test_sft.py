@@ -134,6 +134,7 @@ def test_resume_refuses_other_lora_settings(lora_run, base, records, capsys):
 def test_qlora_nf4_trains_adapters_over_a_quantized_base(base, records, tmp_path):
     out = tmp_path / "qlora"
     extra = ["--lora-rank", "4", "--quantize-base", "nf4", "--steps", "4", "--lr", "1e-2"]
+    extra += ["--lora-dropout", "0.1"]
     assert sft(base, records, out, *extra, "--set", "loop.eval_every=0") == 0
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
