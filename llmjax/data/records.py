@@ -94,8 +94,8 @@ class Skips:
     def add(self, line: int, reason: str, detail: str) -> None:
         if self.strict:
             raise DataError(
-                f"{self.path}:{line}: {detail}; {_FIXES[reason]} (strict=False would skip such "
-                "records and count them instead)"
+                f"{self.path}:{line}: {detail}; {_FIXES[reason]} (without strict, "
+                "--strict on the command line, such records are skipped and counted)"
             )
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.first.setdefault(reason, f"line {line}: {detail}")
