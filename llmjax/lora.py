@@ -267,7 +267,8 @@ def delta(a, b, scale: float) -> jax.Array:
     return scale * ab.reshape(*a.shape[:-1], *b.shape[1:])
 
 
-def _combine(base, adapters, cfg: LoraConfig, sign: float, freeze: bool) -> dict:
+def _pairs_and_leaves(base, adapters, cfg: LoraConfig):
+    """The adapters by dotted path and the base's ``(keys, leaf)`` pairs, checked to belong."""
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"cfg is a {type(cfg).__name__}; pass the LoraConfig of the adapters")
     if not isinstance(base, dict):
@@ -283,6 +284,11 @@ def _combine(base, adapters, cfg: LoraConfig, sign: float, freeze: bool) -> dict
             f"adapters name {absent[:6]}, which params do not hold; pass the params of the "
             "model the adapters were built for"
         )
+    return pairs, leaves
+
+
+def _combine(base, adapters, cfg: LoraConfig, sign: float, freeze: bool) -> dict:
+    pairs, leaves = _pairs_and_leaves(base, adapters, cfg)
     items = []
     for keys, w in leaves:
         if isinstance(w, QuantizedTensor):
@@ -349,21 +355,7 @@ def apply_lora(base, adapters, cfg: LoraConfig, key=None) -> dict:
     ``base`` is zero). Quantized leaves stay quantized until their layer reads them (QLoRA).
     ``key`` turns on ``cfg.dropout`` (training); without it there is no dropout.
     """
-    if not isinstance(cfg, LoraConfig):
-        raise ConfigError(f"cfg is a {type(cfg).__name__}; pass the LoraConfig of the adapters")
-    if not isinstance(base, dict):
-        raise InputError(
-            f"params is a {type(base).__name__}; pass the nested dict of arrays that model.init, "
-            "from_hf or quantize returns"
-        )
-    pairs = adapter_pairs(adapters)
-    leaves = _leaves(base)
-    absent = sorted(set(pairs) - {dotted(k) for k, _ in leaves})
-    if absent:
-        raise InputError(
-            f"adapters name {absent[:6]}, which params do not hold; pass the params of the "
-            "model the adapters were built for"
-        )
+    pairs, leaves = _pairs_and_leaves(base, adapters, cfg)
     items = []
     for i, (keys, w) in enumerate(leaves):
         w = jax.lax.stop_gradient(w)

@@ -114,8 +114,9 @@ def test_peft_export_loads_in_peft_with_equal_logits(lora_run, base, tmp_path):
 def test_lora_resume_is_bit_exact(lora_run, base, records, tmp_path):
     out = tmp_path / "resumed"
     extra = ["--lora-rank", "4", *RESUMABLE]
-    assert sft(base, records, out, *extra, "--steps", "3", "--set", "loop.eval_every=3") == 0
-    assert sft(base, records, out, *extra, "--steps", "6", "--set", "loop.eval_every=3") == 0
+    # Without evaluations: they change no training state, and cost a compile each here.
+    assert sft(base, records, out, *extra, "--steps", "3", "--set", "loop.eval_every=0") == 0
+    assert sft(base, records, out, *extra, "--steps", "6", "--set", "loop.eval_every=0") == 0
     whole = {r["step"]: r["loss"] for r in read_metrics(lora_run) if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
     assert resumed == whole
@@ -131,6 +132,7 @@ def test_resume_refuses_other_lora_settings(lora_run, base, records, capsys):
     assert "another set of parameters" in err[0] and "--out" in err[0]
 
 
+@pytest.mark.slow  # QLoRA's pieces are tested in tests/test_lora.py; this is the whole command
 def test_qlora_nf4_trains_adapters_over_a_quantized_base(base, records, tmp_path):
     out = tmp_path / "qlora"
     extra = ["--lora-rank", "4", "--quantize-base", "nf4", "--steps", "4", "--lr", "1e-2"]
@@ -178,3 +180,20 @@ def test_bad_base_and_small_vocabulary_are_one_line_errors(base, records, tmp_pa
     rc = sft(small, records, tmp_path / "b", "--steps", "1")
     err = [ln for ln in capsys.readouterr().err.splitlines() if "records skipped" not in ln]
     assert rc == 2 and len(err) == 1 and "260" in err[-1], err
+
+
+def test_generate_chat_wraps_the_prompt_in_the_runs_template(lora_run, capsys):
+    message = "what is two plus three"
+    argv = ["generate", "--ckpt", str(lora_run), "--chat", "--prompt", message]
+    assert main([*argv, "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out.strip("\n")
+    model, params = llmjax.load(lora_run)
+    tok = llmjax.load_tokenizer(lora_run)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True
+    )
+    assert ids[-3:] != tok.encode(message)[-3:]  # the template added the assistant header
+    want = llmjax.generate(
+        model, params, [ids], max_new_tokens=6, temperature=0.0, stop_tokens=tok.stop_ids
+    ).tokens[0]
+    assert printed == tok.decode(want)
