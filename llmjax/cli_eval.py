@@ -41,6 +41,8 @@ def cmd_eval(args) -> int:
     from llmjax.train import evaluate, make_eval_step, next_token_loss
 
     run = load_run(args.ckpt)
+    if "base" in run.meta.get("identity", {}) and not args.data:
+        return _eval_finetuned(run, args)
     seq_len = args.seq_len or run.meta["config"]["data"]["seq_len"]
     if seq_len > run.model.config.max_seq_len:
         raise ConfigError(
@@ -58,5 +60,34 @@ def cmd_eval(args) -> int:
         f"{run.step_dir}: loss {result.loss:.4f} perplexity "
         f"{math.exp(min(result.loss, 700)):.3f} over {result.sequences} sequences of {seq_len} "
         f"tokens ({result.tokens} scored tokens) from {source}"
+    )
+    return 0
+
+
+def _eval_finetuned(run, args) -> int:
+    """A fine-tuning run on its own held-out records: loss over completion tokens, token
+    accuracy and greedy exact match, as its last evaluation computed them."""
+    import jax
+
+    from llmjax.data.sft import SFTDataConfig, build_sft_data
+    from llmjax.recipes.sft import exact_match
+    from llmjax.train import evaluate, make_eval_step, next_token_loss
+
+    cfg = run.meta["config"]
+    data_cfg = SFTDataConfig(**{**cfg["data"], "batch_size": args.batch_size, "strict": False})
+    data = build_sft_data(data_cfg, run.tokenizer, run.model.config.vocab_size)
+    step = jax.jit(make_eval_step(next_token_loss(run.model, accuracy=True)))
+    result = evaluate(step, run.params, data.heldout.batches(args.batch_size, args.max_batches))
+    examples = data.heldout.examples[: cfg.get("exact_match_prompts", 64)]
+    em = ""
+    if examples:
+        score = exact_match(
+            run.model, run.params, run.tokenizer, examples, cfg.get("max_new_tokens", 64)
+        )
+        em = f", exact match {score:.3f} on {len(examples)} prompts"
+    print(
+        f"{run.step_dir}: loss {result.loss:.4f} perplexity {math.exp(min(result.loss, 700)):.3f} "
+        f"token accuracy {result.metrics.get('mean_token_accuracy', float('nan')):.3f} over "
+        f"{result.sequences} held-out rows ({result.tokens} completion tokens){em}"
     )
     return 0

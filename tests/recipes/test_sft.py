@@ -197,3 +197,11 @@ def test_generate_chat_wraps_the_prompt_in_the_runs_template(lora_run, capsys):
         model, params, [ids], max_new_tokens=6, temperature=0.0, stop_tokens=tok.stop_ids
     ).tokens[0]
     assert printed == tok.decode(want)
+
+
+def test_eval_scores_a_finetuned_run_on_its_held_out_records(lora_run, capsys):
+    assert main(["eval", "--ckpt", str(lora_run), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    last = [r for r in read_metrics(lora_run) if "eval_loss" in r][-1]
+    assert f"loss {last['eval_loss']:.4f}" in out
+    assert f"exact match {last['eval_exact_match']:.3f} on 3 prompts" in out  # 3 held out
