@@ -135,7 +135,6 @@ def task(cfg: TrainConfig, model, data: Data) -> Task:
         heldout=lambda batch_size, n: eval_batches(data.heldout, batch_size, n),
         model=cfg.model,
         identity={"tokenizer_sha256": data.tokenizer.sha256, "data_fingerprint": data.fingerprint},
-        tokenizer=data.tokenizer,
     )
 
 

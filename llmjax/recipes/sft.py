@@ -192,7 +192,6 @@ def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
         frozen_axes=frozen_axes,
         evaluate=_exact_match_eval(cfg, model, data, params_of),
         identity=identity,
-        tokenizer=data.tokenizer,
         start_metrics={"trainable_params": trainable, "fraction_trainable": trainable / total},
     )
 

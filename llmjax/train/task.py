@@ -45,7 +45,6 @@ class Task:
     eval_loss: Callable | None = None
     evaluate: Callable[[dict, dict], dict] | None = None
     identity: dict = field(default_factory=dict)
-    tokenizer: object = None
     start_metrics: dict = field(default_factory=dict)  # logged at step 0 of a fresh run
 
 
