@@ -279,9 +279,11 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
+    from llmjax.cli_distill import add_parser as _add_distill
     from llmjax.cli_sft import add_parser as _add_sft
 
     _add_sft(sub)
+    _add_distill(sub)
 
     ev = sub.add_parser(
         "eval",

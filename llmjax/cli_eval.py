@@ -41,7 +41,8 @@ def cmd_eval(args) -> int:
     from llmjax.train import evaluate, make_eval_step, next_token_loss
 
     run = load_run(args.ckpt)
-    if "base" in run.meta.get("identity", {}) and not args.data:
+    records = "path" in run.meta["config"]["data"]  # fine-tuned, or distilled on records
+    if ("base" in run.meta.get("identity", {}) or records) and not args.data:
         return _eval_finetuned(run, args)
     seq_len = args.seq_len or run.meta["config"]["data"]["seq_len"]
     if seq_len > run.model.config.max_seq_len:

@@ -10,9 +10,15 @@ a teacher, a quantized base; empty for pretraining), ``batch`` a dict of ``[B, .
   batch.
 - ``num_tokens``: real (non-padding) input tokens processed; the loop's tokens/s and TRL's
   ``num_tokens`` count these.
+
+Knowledge distillation: ``distill_loss`` (forward KL, reverse KL or generalized JSD between student
+and teacher logits) and ``teacher_top_k`` / ``distill_loss_top_k`` (a teacher's top-k, cacheable
+offline); ``sequence_logprobs`` scores whole sequences.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,3 +80,143 @@ def next_token_loss(model, z_loss: float = 0.0, accuracy: bool = False):
         return loss, {**aux, "num_tokens": real_tokens(batch)}
 
     return loss_fn
+
+
+def sequence_logprobs(logits_BTV, targets_BT, mask_BT) -> jax.Array:
+    """``[B]`` float32: per row, ``sum_t mask[t] * log softmax(logits[t])[targets[t]]``.
+
+    Computed in float32 whatever the logits' dtype; ``mask_BT`` is bool or float (a weight).
+    Positions the mask leaves out may hold anything, targets such as -100 included.
+    """
+    keep_BT = mask_BT.astype(bool)
+    logits_BTV = _where_kept(logits_BTV, keep_BT)
+    targets_BT = jnp.where(keep_BT, targets_BT, 0)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    logp_BT = target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+    return jnp.where(keep_BT, logp_BT * mask_BT.astype(jnp.float32), 0.0).sum(-1)
+
+
+DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def distill_loss(
+    student_logits_BTV,
+    teacher_logits_BTV,
+    mask_BT,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int = 0,
+):
+    """Distillation loss ``T**2 * sum_t mask[t] * d[t] / max(sum(mask), 1)`` and its metrics.
+
+    With ``p_s = softmax(student / T)`` and ``p_t = softmax(teacher / T)`` per token, in float32:
+
+    - ``forward_kl``: ``d = KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)``;
+    - ``reverse_kl``: ``d = KL(p_s || p_t)``;
+    - ``jsd``: ``d = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with the mixture
+      ``m = beta * p_t + (1 - beta) * p_s``, ``0 < beta < 1`` (TRL's generalized JSD).
+
+    The ``T**2`` keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    ``top_k > 0`` (forward KL only) is ``distill_loss_top_k`` on ``teacher_top_k(teacher, top_k)``.
+    Logits are ``[B, T, V]``, ``mask_BT`` bool or float; logits must be finite where the mask is
+    set and may hold anything, NaN included, where it is not. Metrics: ``kl``, the mean ``d``
+    without ``T**2``, and ``tokens``.
+    """
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"kind={kind!r} is not a distillation loss; use one of {DISTILL_KINDS}")
+    if kind == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"kind='jsd' needs beta in the open interval (0, 1), got beta={beta}")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be 0 (whole vocabulary) or a positive k")
+    if top_k:
+        if kind != "forward_kl":
+            raise ValueError(
+                f"top_k={top_k} works only with kind='forward_kl', got kind={kind!r}; "
+                "set top_k=0 or kind='forward_kl'"
+            )
+        teacher_ids_BTK, teacher_logits_BTK = teacher_top_k(teacher_logits_BTV, top_k)
+        return distill_loss_top_k(
+            student_logits_BTV,
+            teacher_ids_BTK,
+            teacher_logits_BTK,
+            mask_BT,
+            temperature=temperature,
+        )
+    _check_temperature(temperature)
+    keep_BT = mask_BT.astype(bool)
+    logp_s_BTV = _log_probs(student_logits_BTV, keep_BT, temperature)
+    logp_t_BTV = _log_probs(teacher_logits_BTV, keep_BT, temperature)
+    if kind == "forward_kl":
+        d_BT = _kl(logp_t_BTV, logp_s_BTV)
+    elif kind == "reverse_kl":
+        d_BT = _kl(logp_s_BTV, logp_t_BTV)
+    else:
+        # log m from the log-probabilities: mixing probabilities would round the tails to 0.
+        logm_BTV = jnp.logaddexp(logp_t_BTV + math.log(beta), logp_s_BTV + math.log1p(-beta))
+        d_BT = beta * _kl(logp_t_BTV, logm_BTV) + (1 - beta) * _kl(logp_s_BTV, logm_BTV)
+    return _distill_mean(d_BT, mask_BT, temperature)
+
+
+def teacher_top_k(teacher_logits_BTV, k: int):
+    """The teacher's ``k`` largest logits per token: ``(ids_BTK int32, logits_BTK float32)``.
+
+    The logits are raw, before any temperature, so a cache of them serves every temperature:
+    ``softmax(top-k logits / T)`` is exactly the top-k of ``softmax(logits / T)`` renormalised.
+    """
+    V = teacher_logits_BTV.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"k={k} must lie between 1 and the vocabulary size {V}")
+    logits_BTK, ids_BTK = jax.lax.top_k(teacher_logits_BTV.astype(jnp.float32), k)
+    return ids_BTK.astype(jnp.int32), logits_BTK
+
+
+def distill_loss_top_k(
+    student_logits_BTV, teacher_ids_BTK, teacher_logits_BTK, mask_BT, *, temperature: float = 1.0
+):
+    """Forward KL against a teacher known only by its top-k (from ``teacher_top_k``).
+
+    ``d = sum_k q_k (log q_k - log p_s[ids_k])`` with ``q = softmax(teacher_logits_BTK / T)``
+    renormalised over the k ids and ``p_s = softmax(student / T)`` over the whole vocabulary, so
+    the student is also pushed off the ids the teacher left out (``d >= 0``; with ``k = V`` it is
+    the forward KL). Loss, masking and metrics as in ``distill_loss``.
+    """
+    _check_temperature(temperature)
+    keep_BT = mask_BT.astype(bool)
+    logp_s_BTV = _log_probs(student_logits_BTV, keep_BT, temperature)
+    # A cache's padding rows may hold any ids; only the ones the mask keeps must be in range.
+    ids_BTK = jnp.where(keep_BT[..., None], teacher_ids_BTK, 0)
+    logp_s_BTK = jnp.take_along_axis(logp_s_BTV, ids_BTK, axis=-1)
+    logq_BTK = _log_probs(teacher_logits_BTK, keep_BT, temperature)
+    return _distill_mean(_kl(logq_BTK, logp_s_BTK), mask_BT, temperature)
+
+
+# The helpers below take ``[B, T, X]`` arrays, X the vocabulary V or a top-k K.
+
+
+def _check_temperature(temperature):
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+
+
+def _where_kept(logits_BTX, keep_BT):
+    # Zeroing the rows the mask leaves out before the softmax, not only their result after it,
+    # keeps NaN and inf there out of the backward pass as well: the zero cotangent a ``where``
+    # sends them would still be multiplied by their NaN local derivatives.
+    return jnp.where(keep_BT[..., None], logits_BTX.astype(jnp.float32), 0.0)
+
+
+def _log_probs(logits_BTX, keep_BT, temperature):
+    return jax.nn.log_softmax(_where_kept(logits_BTX, keep_BT) / temperature, axis=-1)
+
+
+def _kl(logp_BTX, logq_BTX):
+    # p = exp(log p) underflows to an exact 0 rather than pairing 0 with log 0 = -inf.
+    return (jnp.exp(logp_BTX) * (logp_BTX - logq_BTX)).sum(-1)
+
+
+def _distill_mean(d_BT, mask_BT, temperature):
+    mask = mask_BT.astype(jnp.float32)
+    kl = jnp.where(mask_BT.astype(bool), d_BT * mask, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
+    return temperature**2 * kl, {"kl": kl, "tokens": mask.sum()}

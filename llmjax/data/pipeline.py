@@ -101,9 +101,21 @@ def get_tokenizer(config: DataConfig, train_docs, out_dir: str | os.PathLike) ->
     return tok
 
 
-def build_data(config: DataConfig, out_dir: str | os.PathLike, model_vocab_size: int) -> Data:
+def build_data(
+    config: DataConfig, out_dir: str | os.PathLike, model_vocab_size: int, tokenizer=None
+) -> Data:
+    """Batches of ``config``'s text; ``tokenizer`` (a loaded one, e.g. a teacher's) replaces the
+    configured or trained tokenizer and needs the bos and eos ids documents are packed with."""
     (train_docs, heldout_docs), desc = load_documents(config)
-    tok = get_tokenizer(config, train_docs, out_dir)
+    if tokenizer is None:
+        tok = get_tokenizer(config, train_docs, out_dir)
+    elif tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise DataError(
+            f"tokenizer {tokenizer.path!r} has no bos or eos token to separate documents; give "
+            'the text as jsonl records ({"text": ...}) instead'
+        )
+    else:
+        tok = tokenizer
     if tok.vocab_size > model_vocab_size:
         raise DataError(
             f"the tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
