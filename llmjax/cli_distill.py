@@ -41,28 +41,34 @@ def add_parser(sub) -> None:
         action="extend",
         metavar="PATH",
         help="text files or directories (packed like pretraining), or one .jsonl file of TRL "
-        "records (prompt/completion, messages, text); repeatable for text",
+        "records (prompt/completion, messages, text)",
     )
     sp.add_argument("--out", default="runs/distill", metavar="DIR", help="the run's directory")
-    sp.add_argument("--kind", choices=("forward_kl", "reverse_kl", "jsd"), help="the divergence")
-    for flag, var, key, text in [
-        ("--beta", "B", "beta", "jsd: the teacher's weight in the mixture, in (0, 1)"),
-        ("--temperature", "T", "temperature", "softens both distributions; loss x T^2"),
-        ("--alpha", "A", "alpha", "weight of the hard-label cross entropy"),
-        ("--top-k", "K", "top_k", "forward KL against the teacher's top-k only"),
+    sp.add_argument(
+        "--kind",
+        choices=("forward_kl", "reverse_kl", "jsd"),
+        help="the divergence (default: forward_kl)",
+    )
+    for flag, var, text in [
+        ("--beta", "B", "jsd: the teacher's weight in the mixture, in (0, 1) (default: 0.5)"),
+        (
+            "--temperature",
+            "T",
+            "softens both distributions; the loss is scaled by T^2 (default: 1)",
+        ),
+        ("--alpha", "A", "weight of the hard-label cross entropy (default: 0)"),
+        ("--top-k", "K", "forward KL against the teacher's top-k only (default: 0, all)"),
         (
             "--on-policy-fraction",
             "L",
-            "on_policy_fraction",
-            "steps whose continuations the student samples (GKD's lambda)",
+            "steps whose continuations the student samples, GKD's lambda (default: 0)",
         ),
-        ("--steps", "N", "loop.steps", None),
-        ("--batch-size", "B", "data.batch_size", None),
-        ("--seq-len", "T", "data.seq_len", None),
-        ("--lr", "LR", "optim.lr", None),
+        ("--steps", "N", "(loop.steps; default: the recipe's)"),
+        ("--batch-size", "B", "(data.batch_size; default: the recipe's)"),
+        ("--seq-len", "T", "(data.seq_len; default: the recipe's)"),
+        ("--lr", "LR", "(optim.lr; default: the recipe's)"),
     ]:
-        sp.add_argument(flag, metavar=var, help=f"{text + ' ' if text else ''}({key}; default: "
-                        "the recipe's)")  # fmt: skip
+        sp.add_argument(flag, metavar=var, help=text)
     sp.add_argument(
         "--seq-kd",
         action="store_true",
@@ -71,10 +77,13 @@ def add_parser(sub) -> None:
     sp.add_argument(
         "--teacher-cache",
         metavar="DIR",
-        help="write the teacher's top-k logits here once and train from them (needs --top-k)",
+        help="write the teacher's top-k logits here once and train from them (needs --top-k; "
+        "default: online, the teacher in memory)",
     )
     sp.add_argument(
-        "--quantize-teacher", choices=("int8", "nf4"), help="store the frozen teacher quantized"
+        "--quantize-teacher",
+        choices=("int8", "nf4"),
+        help="store the frozen teacher quantized (default: float32)",
     )
     sp.add_argument(
         "--set",

@@ -86,9 +86,9 @@ def _load_step(step_dir: Path) -> LoadedRun:
 
 def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
     from llmjax.data import DataError
-    from llmjax.inference.quantize import dequantize, quantize
+    from llmjax.inference.quantize import dequantize
     from llmjax.lora import LoraConfig, init_lora, merge
-    from llmjax.recipes.sft import load_base
+    from llmjax.recipes.sft import load_base, quantized_base
     from llmjax.train.task import join, split_trainable
 
     cfg = meta["config"]
@@ -104,7 +104,9 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
         state, meta = restore(step_dir, {"params": _on_device(abstract)}, partial=True)
         frozen = base.params
         if cfg.get("quantize_base"):  # the forward it trained with saw the quantized base
-            frozen = dequantize(quantize(model, base.params, cfg["quantize_base"]))
+            # Runs from before quantize_keep existed quantized every linear weight.
+            keep = cfg.get("quantize_keep", "")
+            frozen = dequantize(quantized_base(model, base.params, cfg["quantize_base"], keep))
         params = jax.jit(merge, static_argnums=2)(frozen, state["params"], lora)
         return LoadedRun(model, params, meta, tok, step_dir, state["params"], lora, frozen)
     trained, rest = (

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -165,26 +166,37 @@ def check_group_size(group_size, size: int, shape, mode: str = "int4") -> None:
     )
 
 
-def quantize(model, params, mode: str = "int8", group_size: int = 64):
-    """``params`` with every linear weight replaced by a ``QuantizedTensor`` (see module doc)."""
+def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str = ""):
+    """``params`` with every linear weight replaced by a ``QuantizedTensor`` (see module doc),
+    except those whose dotted path (``lm_head``, ``layers.0.attn.wq``) matches the regex ``keep``
+    whole: they stay as they are."""
     names = model.param_axes()
     if mode not in MODES:
         raise InputError(f"quantization mode={mode!r}: give one of {MODES}")
+    try:
+        kept = re.compile(keep) if keep else None
+    except re.error as e:
+        raise InputError(f"keep={keep!r} is not a regular expression: {e}") from None
 
-    def linear(p, n):
+    def selected(path: str, n) -> tuple[int, ...] | None:
+        if kept is not None and kept.fullmatch(path):
+            return None
+        return linear_input_axes(tuple(n))
+
+    def linear(p, n, path=""):
         if isinstance(p, dict):
-            return [w for k in p for w in linear(p[k], n[k])]
-        in_axes = linear_input_axes(tuple(n))
+            return [w for k in p for w in linear(p[k], n[k], f"{path}.{k}".lstrip("."))]
+        in_axes = selected(path, n)
         return [] if in_axes is None else [(math.prod(p.shape[i] for i in in_axes), p.shape)]
 
     if mode != "int8":  # every weight is checked before any is quantized
         for size, shape in linear(params, names):
             check_group_size(group_size, size, shape, mode)
 
-    def visit(p, n):
+    def visit(p, n, path=""):
         if isinstance(p, dict):
-            return {k: visit(p[k], n[k]) for k in p}
-        in_axes = linear_input_axes(tuple(n))
+            return {k: visit(p[k], n[k], f"{path}.{k}".lstrip(".")) for k in p}
+        in_axes = selected(path, n)
         return p if in_axes is None else quantize_tensor(p, in_axes, mode, group_size)
 
     return visit(params, names)

@@ -362,7 +362,10 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
     }
     q = cfg.quantize_teacher
     teacher_model = QuantizedModel(teacher.model) if q else teacher.model
-    teacher_params = quantize(teacher.model, teacher.params, q) if q else teacher.params
+    # The output head stays float, as for QLoRA's base: its rounding reaches every logit.
+    teacher_params = (
+        quantize(teacher.model, teacher.params, q, keep="lm_head") if q else teacher.params
+    )
     teacher = dataclasses.replace(teacher, params=None)
     frozen, frozen_axes = {}, {}
     if cfg.teacher_cache:
@@ -374,6 +377,13 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
             "seq_len": cfg.data.seq_len,
             "quantize_teacher": q,
         }
+        meta = teacher_cache.read_meta(absolute(cfg.teacher_cache))
+        complete = meta is not None and meta["key"] == key and meta["written"] >= cfg.loop.steps
+        if not complete and jax.process_count() > 1:
+            raise ConfigError(
+                "--teacher-cache is written by one process: write it with a single-host run of "
+                "the same command first (the job then reads it on every host), or distil online"
+            )
         start = train_it.state()
         forward = _teacher_forward(teacher_model, teacher_params, cfg.top_k)
         teacher_cache.build(

@@ -45,6 +45,9 @@ class SFTConfig:
     )
     lora: LoraConfig | None = None  # None: full fine-tuning
     quantize_base: str = ""  # LoRA only: store the frozen base as int8 or nf4 (QLoRA)
+    # Weights QLoRA leaves in float (a regex over parameter paths): the output head, as
+    # transformers' 8- and 4-bit loading does; no adapter can correct its rounding.
+    quantize_keep: str = "lm_head"
     trainable: str = ""  # full fine-tuning only: a regex over parameter paths; empty: all
     exact_match_prompts: int = 64  # held-out prompts decoded greedily at each eval; 0: none
     max_new_tokens: int = 64
@@ -132,10 +135,12 @@ def load_base(path) -> Base:
     )
 
 
-def _quantized(model, params, mode: str):
+def quantized_base(model, params, mode: str, keep: str = ""):
+    """The frozen base as QLoRA holds it: linear weights quantized (``mode``), those matching
+    ``keep`` as they were; ``params`` unchanged without a mode."""
     from llmjax.inference.quantize import quantize
 
-    return quantize(model, params, mode) if mode else params
+    return quantize(model, params, mode, keep=keep) if mode else params
 
 
 def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
@@ -149,11 +154,12 @@ def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
         "trainable": {
             "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None,
             "quantize_base": cfg.quantize_base,
+            "quantize_keep": cfg.quantize_keep if cfg.quantize_base else "",
             "pattern": cfg.trainable,
         },
     }
     if cfg.lora is not None:
-        frozen = {"base": _quantized(model, base.params, cfg.quantize_base)}
+        frozen = {"base": quantized_base(model, base.params, cfg.quantize_base, cfg.quantize_keep)}
         # Quantized blocks do not have the weights' shapes: they stay whole on every device.
         frozen_axes = {"base": None if cfg.quantize_base else model.param_axes()}
 

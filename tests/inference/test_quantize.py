@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import llmjax
+from llmjax.errors import InputError
 from llmjax.inference import generate
 from llmjax.inference.quantize import (
     NF4_LEVELS,
@@ -67,6 +68,18 @@ def test_every_weight_is_within_half_a_step(tiny, mode, group):
         assert (err <= step / 2 + 1e-7).all(), jax.tree_util.keystr(path)
     cfg = model.config  # q, k, v, o, up, down (+ gate) per layer, + an untied head
     assert n_quantized == (6 + cfg.gated_mlp) * cfg.n_layers + (not cfg.tie_embeddings)
+
+
+def test_keep_leaves_the_matching_weights_as_they_are(tiny):
+    model, params = tiny
+    q = quantize(model, params, "nf4", 32, keep=r"lm_head|layers\.0\.attn\.w[qk]")
+    assert q.get("lm_head") is params.get("lm_head")  # absent when tied to the embedding
+    assert q["layers"][0]["attn"]["wq"] is params["layers"][0]["attn"]["wq"]
+    assert q["layers"][0]["attn"]["wk"] is params["layers"][0]["attn"]["wk"]
+    assert isinstance(q["layers"][0]["attn"]["wv"], QuantizedTensor)
+    assert isinstance(q["layers"][1]["attn"]["wq"], QuantizedTensor)
+    with pytest.raises(InputError, match="not a regular expression"):
+        quantize(model, params, "nf4", 32, keep="lm_head(")
 
 
 def test_int8_and_int4_logits_are_close_to_float(tiny):

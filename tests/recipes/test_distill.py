@@ -79,8 +79,10 @@ def test_on_policy_run_resumes_bit_exactly_and_never_saves_the_teacher(
     # The teacher is read, never written, and the checkpoint holds the student alone.
     assert _digest(trained_run / "checkpoints") == before
     manifest = json.loads((whole / "checkpoints" / "6" / "manifest.json").read_text())
-    params = [k for k in manifest["arrays"] if k.startswith("params/")]
+    params = {k.split("/", 1)[1] for k in manifest["arrays"] if k.startswith("params/")}
     assert len(params) == len(jax.tree.leaves(a.params))
+    moments = {k.split("/mu/", 1)[1] for k in manifest["arrays"] if "/mu/" in k}
+    assert moments == params  # Adam's moments exist for the student's parameters alone
     assert a.model.num_params() < load_run(trained_run).model.num_params()
     start = read_metrics(whole)[0]
     assert start["step"] == 0 and start["student_params"] == a.model.num_params()

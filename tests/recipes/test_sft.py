@@ -144,10 +144,13 @@ def test_qlora_nf4_trains_adapters_over_a_quantized_base(base, records, tmp_path
     # The loaded model is the one trained: adapters over the nf4-rounded base, not the original.
     from llmjax.inference.quantize import dequantize, quantize
 
-    rounded = dequantize(quantize(run.model, llmjax.from_hf(base)[1], "nf4"))
-    np.testing.assert_array_equal(run.base_params["embed"], rounded["embed"])
-    wq = rounded["layers"][0]["attn"]["wq"]
-    assert not np.array_equal(wq, llmjax.from_hf(base)[1]["layers"][0]["attn"]["wq"])
+    original = llmjax.from_hf(base)[1]
+    rounded = dequantize(quantize(run.model, original, "nf4", keep="lm_head"))
+    for name in ("embed", "lm_head"):  # the output head stays float, as transformers keeps it
+        np.testing.assert_array_equal(run.base_params[name], original[name])
+    wq = run.base_params["layers"][0]["attn"]["wq"]
+    np.testing.assert_array_equal(wq, rounded["layers"][0]["attn"]["wq"])
+    assert not np.array_equal(wq, original["layers"][0]["attn"]["wq"])
 
 
 def test_full_finetuning_from_a_llmjax_run(trained_run, tmp_path):
