@@ -106,7 +106,8 @@ def build_config(args):
     if any(p.endswith(".jsonl") for p in paths):
         if len(paths) > 1:
             raise ConfigError("--data: give one .jsonl file of records, or text files only")
-        data = SFTDataConfig(path=paths[0], seq_len=256, batch_size=8)
+        # One record per row: on-policy sampling continues each row's own prompt.
+        data = SFTDataConfig(path=paths[0], seq_len=256, batch_size=8, packing=False)
     else:
         data = DataConfig(paths=tuple(paths))
     student = args.student

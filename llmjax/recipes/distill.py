@@ -113,6 +113,10 @@ class DistillConfig:
                 "teacher is not loaded; drop one of them",
             ),
             (
+                not (self.records and self.sampled and self.data.packing),
+                "on-policy and --seq-kd continue one prompt per row: set data.packing=false",
+            ),
+            (
                 self.data.batch_size % self.loop.grad_accum == 0,
                 f"data.batch_size={self.data.batch_size} is not divisible by "
                 f"loop.grad_accum={self.loop.grad_accum}",

@@ -7,8 +7,9 @@ from __future__ import annotations
 from tests.bad_inputs import Cli, Env
 
 
-def _distill(env: Env, *extra: str, teacher=None, student="llama3-tiny") -> list[str]:
+def _distill(env: Env, *extra: str, teacher=None, student="llama3-tiny", data=None) -> list[str]:
     teacher = str(env.run) if teacher is None else teacher
+    data = list(env.corpus) if data is None else [data]
     out = str(env.tmp / "out")
     return [
         "distill",
@@ -17,7 +18,7 @@ def _distill(env: Env, *extra: str, teacher=None, student="llama3-tiny") -> list
         "--student",
         student,
         "--data",
-        *env.corpus,
+        *data,
         "--out",
         out,
         "--steps",
@@ -92,6 +93,18 @@ CASES = [
         "distill seq_len beyond the models",
         lambda e: _distill(e, "--seq-len", "100000"),
         "max_seq_len",
+    ),
+    Cli(
+        "distill on-policy over packed records",
+        lambda e: _distill(
+            e,
+            "--on-policy-fraction",
+            "0.5",
+            "--set",
+            "data.packing=true",
+            data=e.write("r.jsonl", '{"prompt": "a", "completion": " b"}\n'),
+        ),
+        "set data.packing=false",
     ),
     Cli(
         "distill several jsonl files",

@@ -191,7 +191,7 @@ def test_records_distil_with_on_policy_prompts_from_the_data(tmp_path):
     args = ["distill", "--teacher", str(teacher), "--student", "llama3-tiny", "--data", str(data)]
     args += ["--out", str(out), "--steps", "2", "--batch-size", "4", "--seq-len", "24"]
     args += ["--on-policy-fraction", "1", "--set", "max_new_tokens=6", "--set", "model.n_layers=1"]
-    args += ["--set", "data.packing=false", "--set", "loop.eval_every=0"]
+    args += ["--set", "loop.eval_every=0"]
     assert main(args) == 0
     recs = [r for r in read_metrics(out) if "loss" in r]
     assert all(r["on_policy"] == 1.0 and 0 < r["completions/mean_length"] <= 6 for r in recs)
