@@ -56,8 +56,10 @@ CLASSES = {
 }
 
 
-def build_hf(family: str, seed: int = 0, **config):
+def build_hf(family: str, seed: int = 0, cls: str | None = None, **config):
     """A randomly initialised HF model in float32, eager attention, eval mode.
+
+    ``cls`` names another transformers class of the family (default its causal LM).
 
     Weights are re-drawn with a larger std than HF's init (0.02) so that every block, norm scale and
     bias matters to the logits and a wrong mapping cannot hide behind near-zero weights.
@@ -65,7 +67,7 @@ def build_hf(family: str, seed: int = 0, **config):
     torch.manual_seed(seed)
     cfg = CONFIGS[family](**config)
     cfg._attn_implementation = "eager"
-    model = getattr(transformers, CLASSES[family])(cfg).eval().to(torch.float32)
+    model = getattr(transformers, cls or CLASSES[family])(cfg).eval().to(torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

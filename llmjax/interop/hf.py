@@ -241,20 +241,8 @@ def _flatten(tree, prefix="") -> dict[str, object]:
     return out
 
 
-def from_hf(
-    path,
-    *,
-    param_dtype: str | None = None,
-    dtype: str | None = None,
-    shardings=None,
-    **config_overrides,
-) -> tuple[Model, dict]:
-    """``(model, params)`` from a local Hugging Face directory; nothing is downloaded.
-
-    ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to ``param_dtype``.
-    ``shardings`` (a tree like the params of ``jax.sharding.Sharding``) places each tensor as it loads.
-    """
-    path = Path(path)
+def read_config(path: Path) -> dict:
+    """The ``config.json`` of a local Hugging Face model directory, as a dict."""
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "does not exist"
         raise HFCheckpointError(
@@ -272,6 +260,13 @@ def from_hf(
             f"{path / 'config.json'} holds a JSON {type(hf).__name__}, not an object; restore "
             "the config from the original checkpoint"
         )
+    return hf
+
+
+def configure(
+    path: Path, hf: dict, *, param_dtype: str | None, dtype: str | None, **config_overrides
+) -> tuple[str, ModelConfig]:
+    """``(architecture, config)`` of a Hugging Face config; dtypes default to the stored one."""
     stored = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
     param_dtype = param_dtype or (
         stored if stored in ("float32", "bfloat16", "float16") else "float32"
@@ -284,24 +279,41 @@ def from_hf(
     except LlmjaxError as e:
         # The same error, naming the file: "config.json" alone is ambiguous among directories.
         raise type(e)(f"{path / 'config.json'}: {e}") from e
-    ckpt = _Checkpoint(path)
-    model = Model(cfg)
-    shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
-    flat_shardings = _flatten(shardings) if shardings is not None else {}
+    return arch, cfg
 
+
+def load_tensors(
+    path: Path,
+    cfg: ModelConfig,
+    arch: str,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    shardings=None,
+    head: list[Tensor] | None = None,
+    name: str | None = None,
+) -> dict[str, object]:
+    """The flat llmjax parameters (``shapes``' paths) held by the checkpoint in ``path``.
+
+    ``head`` entries replace ``lm_head.weight`` (a classifier's ``score.weight``); ``name`` is the
+    architecture the messages call the checkpoint (default ``arch``).
+    """
+    ckpt = _Checkpoint(path)
+    flat_shardings = _flatten(shardings) if shardings is not None else {}
     prefix = "transformer." if any(n.startswith("transformer.") for n in ckpt.names()) else ""
     table = tensor_table(cfg, arch, prefix)
+    if head is not None:
+        table = [e for e in table if e.hf != "lm_head.weight"] + list(head)
     missing = [e.hf for e in table if e.hf not in ckpt.where]
     expected = {e.hf for e in table}
     unexpected = sorted(n for n in ckpt.names() - expected if not _is_ignorable(n, cfg))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not match its {arch} config: missing tensors "
+            f"{path} does not match its {name or arch} config: missing tensors "
             f"{missing[:8]}{'...' if len(missing) > 8 else ''}; unexpected tensors "
             f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; use the config.json saved "
             "with these weights"
         )
-    pdt = dtype_of(param_dtype)
+    pdt = dtype_of(cfg.param_dtype)
     flat = {}
     for entry in table:
         f = ckpt.where[entry.hf]
@@ -327,22 +339,47 @@ def from_hf(
                 # file's mapping would tie the params to the file (an in-place rewrite changes them).
                 a = a.copy()
             flat[p] = jax.device_put(a, flat_shardings.get(p))
-    return model, _unflatten(flat)
+    return flat
+
+
+def from_hf(
+    path,
+    *,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    shardings=None,
+    **config_overrides,
+) -> tuple[Model, dict]:
+    """``(model, params)`` from a local Hugging Face directory; nothing is downloaded.
+
+    ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to ``param_dtype``.
+    ``shardings`` (a tree like the params of ``jax.sharding.Sharding``) places each tensor as it loads.
+    """
+    path = Path(path)
+    hf = read_config(path)
+    arch, cfg = configure(path, hf, param_dtype=param_dtype, dtype=dtype, **config_overrides)
+    model = Model(cfg)
+    shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
+    return model, _unflatten(load_tensors(path, cfg, arch, shapes, shardings=shardings))
 
 
 # Writing -------------------------------------------------------------------------------------------
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _check_params(model: Model, params) -> dict[str, object]:
-    """The flat params, after checking every leaf against the model's config (nothing written yet)."""
+def check_params(model: Model, params, drop: tuple[str, ...] = ()) -> dict[str, object]:
+    """The flat params, after checking every leaf against the model's config (nothing written yet).
+
+    Top-level entries named in ``drop`` may be present or absent and are left out.
+    """
     if not isinstance(params, dict):
         raise HFCheckpointError(
             f"params is a {type(params).__name__}; pass the nested dict of arrays that "
             "model.init or from_hf returns"
         )
-    flat = _flatten(params)
-    want = {k: tuple(v.shape) for k, v in _flatten(model.abstract_params()).items()}
+    flat = _flatten({k: v for k, v in params.items() if k not in drop})
+    abstract = {k: v for k, v in model.abstract_params().items() if k not in drop}
+    want = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
     missing = sorted(set(want) - set(flat))
     extra = sorted(set(flat) - set(want))
     wrong = [
@@ -382,15 +419,25 @@ def to_hf(
     """
     cfg = model.config
     hf = config_to_hf(cfg, architecture)
-    arch = hf["architectures"][0]
     path = Path(path)
+    check_target(path)
+    flat = check_params(model, params)
+    table = tensor_table(cfg, hf["architectures"][0])
+    return write_checkpoint(path, cfg, hf, table, flat, max_shard_bytes)
+
+
+def check_target(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise HFCheckpointError(
             f"{path} is an existing file; give a directory to write the checkpoint into "
             "(it is created if missing)"
         )
-    flat = _check_params(model, params)
-    table = tensor_table(cfg, arch)
+
+
+def write_checkpoint(
+    path: Path, cfg: ModelConfig, hf: dict, table: list[Tensor], flat: dict, max_shard_bytes: int
+) -> Path:
+    """Write the ``table``'s tensors from the flat arrays ``flat``, then ``hf`` as config.json."""
     pdt = np.dtype(dtype_of(cfg.param_dtype))
 
     def producer(entry):

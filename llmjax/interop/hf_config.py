@@ -28,6 +28,15 @@ MODEL_TYPES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
 }
+# Sequence classifiers (reward models, critics): a causal LM's decoder with a ``score`` head.
+CLASSIFIERS = {
+    "GPT2ForSequenceClassification": "GPT2LMHeadModel",
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+    "Gemma2ForSequenceClassification": "Gemma2ForCausalLM",
+    "Gemma3TextForSequenceClassification": "Gemma3ForCausalLM",
+}
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -73,6 +82,12 @@ def architecture_of(hf: dict) -> str:
     by_type = {v: k for k, v in MODEL_TYPES.items()}
     if not archs and hf.get("model_type") in by_type:
         return by_type[hf["model_type"]]
+    scorers = [a for a in archs if a in CLASSIFIERS]
+    if scorers:
+        raise UnsupportedConfig(
+            f"{scorers[0]} is a sequence classifier (a score head, no lm_head); load it with "
+            "llmjax.interop.hf_score.from_hf_scorer"
+        )
     raise UnsupportedConfig(
         f"unsupported architecture {archs or hf.get('model_type')!r}; llmjax reads {list(ARCHITECTURES)}"
     )

@@ -178,6 +178,7 @@ class Model:
         attention_mask=None,
         cache: KVCache | None = None,
         logit_index=None,
+        return_hidden: bool = False,
     ):
         """Logits ``[B, T, V]`` (float32) for int tokens ``[B, T]``; with ``cache`` also the new cache.
 
@@ -185,6 +186,10 @@ class Model:
         packed documents from attending to each other; ``attention_mask`` (1 real, 0 padding) hides
         padded keys. ``logit_index`` (int ``[B, N]``, indices into T) computes logits ``[B, N, V]``
         at those tokens only: a prefill needs one row, not T times the vocabulary.
+
+        ``return_hidden=True`` returns the final hidden states ``[B, T, D]`` (or ``[B, N, D]`` with
+        ``logit_index``) in float32 instead: after the final norm, before the unembedding, which is
+        not computed, so params without ``lm_head`` (a scorer's, see ``llmjax.scalar_head``) serve.
 
         Inputs of the wrong shape or dtype, and a ``cache`` built for another batch size or model,
         raise ``InputError`` naming the argument, also under ``jax.jit`` (shapes are static). Values
@@ -200,6 +205,12 @@ class Model:
         logit_index = _check_logit_index(logit_index, B, T)
         if cache is not None:
             _check_cache(cfg, cache, B)
+        needs_head = not (return_hidden or cfg.tie_embeddings)
+        if needs_head and isinstance(params, dict) and "lm_head" not in params:
+            raise InputError(
+                f"params have no lm_head, which {cfg.name!r} needs for logits (a scorer's "
+                "decoder has none); ask for hidden states with return_hidden=True"
+            )
         seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         if attention_mask is not None:
             seg = jnp.where(attention_mask.astype(bool), seg, 0)
@@ -234,9 +245,9 @@ class Model:
         state = jax.tree.map(lambda x: x, self._abstract_state)
         nnx.replace_by_pure_dict(state, params)
         module = nnx.merge(self._graphdef, state)
-        logits, layers = module(tokens, positions, ctx, cache, logit_index)
+        out, layers = module(tokens, positions, ctx, cache, logit_index, not return_hidden)
         if cache is None:
-            return logits
+            return out
         new_cache = KVCache(
             k=tuple(kv[0] for kv in layers),
             v=tuple(kv[1] for kv in layers),
@@ -244,7 +255,7 @@ class Model:
             length_B=cache.length_B + T,
             packed=packed,
         )
-        return logits, new_cache
+        return out, new_cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""

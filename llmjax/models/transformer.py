@@ -72,7 +72,15 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg, rngs, (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB))
 
-    def __call__(self, tokens_BT, positions_BT, ctx: MaskContext, cache=None, logit_index_BN=None):
+    def __call__(
+        self,
+        tokens_BT,
+        positions_BT,
+        ctx: MaskContext,
+        cache=None,
+        logit_index_BN=None,
+        unembed=True,
+    ):
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
         if cfg.embed_scale:
@@ -101,6 +109,11 @@ class Transformer(nnx.Module):
         if logit_index_BN is not None:  # e.g. a prefill needs only the last prompt token's logits
             x = jnp.take_along_axis(x, logit_index_BN[:, :, None], axis=1)
         x = self.final_norm(x)
+        if not unembed:  # a scalar head reads the hidden states; [B, T, V] is never formed
+            x = axes.constrain(
+                x.astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
+            )
+            return x, (None if cache is None else tuple(new_cache))
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(dt))
         else:
