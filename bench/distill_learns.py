@@ -31,12 +31,23 @@ TEACHER = ["--set", "model.d_model=256", "--set", "model.mlp_dim=768"]
 # teacher's. Every run: 300 steps of 8 x 256 tokens, lr 3e-3 cosine, seed 0.
 STUDENT = ["--student", "llama3-tiny", "--set", "model.d_model=128", "--set", "model.n_layers=4"]
 STUDENT += ["--set", "model.mlp_dim=384"]
-KINDS = {
-    "forward KL": ["--kind", "forward_kl"],
-    "reverse KL": ["--kind", "reverse_kl"],
-    "JSD (beta 0.5)": ["--kind", "jsd", "--beta", "0.5"],
-    "forward KL, top-16 offline": ["--top-k", "16", "--teacher-cache", "{out}/teacher-top16"],
-    "on-policy JSD (lambda 0.5)": ["--kind", "jsd", "--on-policy-fraction", "0.5"],
+KINDS = {  # the row's name: (its run directory, the flags)
+    "forward KL": ("forward-kl", ["--kind", "forward_kl"]),
+    "reverse KL": ("reverse-kl", ["--kind", "reverse_kl"]),
+    "JSD (beta 0.5)": ("jsd", ["--kind", "jsd", "--beta", "0.5"]),
+    "top-16 offline, rest bucket": (
+        "top16-bucket",
+        ["--top-k", "16", "--teacher-cache", "{out}/cache-top16-bucket"],
+    ),
+    "top-16 offline, renormalized": (
+        "top16-renormalize",
+        ["--top-k", "16", "--teacher-cache", "{out}/cache-top16-renormalize"]
+        + ["--set", "top_k_rest=renormalize"],
+    ),
+    "on-policy JSD (lambda 0.5)": (
+        "on-policy-jsd",
+        ["--kind", "jsd", "--on-policy-fraction", "0.5"],
+    ),
 }
 
 
@@ -58,6 +69,15 @@ def perplexity(run: Path) -> float:
     return math.exp(evals[-1]["eval_loss"])
 
 
+def finished(run: Path, steps: int = 300) -> bool:
+    """A run that logged its final evaluation is reused as it is."""
+    from llmjax.train.metrics import read_metrics
+
+    if not (run / "metrics.jsonl").is_file():
+        return False
+    return any(r.get("step") == steps and "eval_loss" in r for r in read_metrics(run))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/distill-bench", help="where the runs go")
@@ -77,16 +97,15 @@ def main(argv=None) -> dict:
     tokenizer = next((teacher / "tokenizer").glob("*.model"))
     jobs = {"scratch": command("pretrain", "--data", *data, "--tokenizer", str(tokenizer))}
     jobs["scratch"] += ["--out", str(out / "scratch")]
-    for name, extra in KINDS.items():
+    for name, (directory, extra) in KINDS.items():
         if args.only and name not in args.only:
             continue
-        run = out / name.split(",")[0].split(" (")[0].replace(" ", "-").lower()
-        run = run.with_name(run.name + ("-top16" if "top-16" in name else ""))
+        run = out / directory
         extra = [e.format(out=out) for e in extra]
         jobs[name] = command("distill", "--teacher", str(teacher), "--data", *data)
         jobs[name] += ["--out", str(run), *STUDENT, *extra]
     runs = {name: Path(cmd[cmd.index("--out") + 1]) for name, cmd in jobs.items()}
-    pending, active = list(jobs), {}
+    pending, active = [name for name in jobs if not finished(runs[name])], {}
     while pending or active:
         while pending and len(active) < args.jobs:
             name = pending.pop(0)

@@ -11,6 +11,7 @@ from llmjax.losses import (
     distill_loss,
     distill_loss_top_k,
     sequence_logprobs,
+    teacher_log_normalizer,
     teacher_top_k,
 )
 
@@ -332,3 +333,58 @@ def test_teacher_top_k_bad_k():
     _, teacher, _ = _inputs(7462)
     with pytest.raises(ValueError, match="k=0"):
         teacher_top_k(teacher, 0)
+
+
+def _np_rest_bucket(student, teacher, mask, k, temperature):
+    """Forward KL with the teacher's ids outside its top-k merged into one outcome."""
+    logp_s = _np_log_softmax(student.astype(np.float64) / temperature)
+    logp_t = _np_log_softmax(teacher.astype(np.float64) / temperature)
+    d = np.zeros(mask.shape)
+    for b, i in np.ndindex(*mask.shape):
+        ids = np.argsort(-logp_t[b, i])[:k]
+        q, p = np.exp(logp_t[b, i, ids]), np.exp(logp_s[b, i, ids])
+        q_rest, p_rest = max(1 - q.sum(), 0.0), max(1 - p.sum(), 0.0)
+        d[b, i] = (q * np.log(q / p)).sum()
+        if q_rest > 1e-12:
+            d[b, i] += q_rest * np.log(q_rest / p_rest)
+    w = mask.astype(np.float64)
+    kl = (d * w).sum() / max(w.sum(), 1.0)
+    return temperature**2 * kl, kl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("k", [1, 5, V - 1])
+def test_top_k_rest_bucket_matches_reference(k, temperature):
+    student, teacher, mask = _inputs(7471)
+    kw = dict(temperature=temperature, top_k=k, top_k_rest="bucket")
+    got = distill_loss(student, teacher, mask, **kw)
+    _check(got, _np_rest_bucket(student, teacher, mask, k, temperature))
+    # The cacheable pieces give the same numbers: ids, raw logits and the log-normaliser.
+    ids, logits = teacher_top_k(teacher, k)
+    logz = teacher_log_normalizer(teacher, temperature)
+    cached = distill_loss_top_k(
+        student, ids, logits, mask, temperature=temperature, teacher_logz_BT=logz
+    )
+    assert cached[0] == got[0]
+    # A lower bound of the full forward KL (merging outcomes never raises a KL).
+    full = distill_loss(student, teacher, mask, temperature=temperature)[0]
+    assert float(got[0]) <= float(full) + 1e-6
+
+
+def test_top_k_rest_bucket_of_whole_vocabulary_is_forward_kl():
+    student, teacher, mask = _inputs(7472)
+    full = distill_loss(student, teacher, mask)[0]
+    top = distill_loss(student, teacher, mask, top_k=V, top_k_rest="bucket")[0]
+    np.testing.assert_allclose(top, full, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_rest_bucket_is_finite_and_keeps_the_students_tail():
+    student, teacher, mask = _inputs(7473, scale=30.0)  # near one-hot teachers: tiny rests
+    f = lambda s: distill_loss(s, teacher, mask, top_k=3, top_k_rest="bucket")[0]  # noqa: E731
+    loss, grad = jax.value_and_grad(f)(jnp.asarray(student))
+    assert np.isfinite(float(loss)) and np.isfinite(np.asarray(grad)).all()
+    # A student matching the teacher exactly has nothing left to learn, tail included.
+    same = distill_loss(teacher, teacher, mask, top_k=3, top_k_rest="bucket")[0]
+    np.testing.assert_allclose(float(same), 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match="top_k_rest"):
+        distill_loss(student, teacher, mask, top_k=3, top_k_rest="drop")

@@ -7,8 +7,9 @@ beside each batch instead of holding the teacher in memory. Raw logits, not prob
 kept, so the temperature stays a training setting: softmax over the top-k logits / T is exactly
 the renormalised top-k of softmax(logits / T).
 
-Layout: ``ids.npy`` (int32) and ``logits.npy`` (float32), each ``[steps, B, T, k]``, and
-``cache.json`` with what the cache was computed from (the teacher's hash, the data's fingerprint,
+Layout: ``ids.npy`` (int32) and ``logits.npy`` (float32), each ``[steps, B, T, k]``, for the
+rest bucket ``logz.npy`` (the teacher's log-normaliser at the run's temperature, ``[steps, B,
+T]``), and ``cache.json`` with what the cache was computed from (the teacher's hash, the data's fingerprint,
 k, batch shape) and how many steps are written. ``cache.json`` is replaced atomically after each
 flushed chunk, so a killed writer resumes where it stopped and a reader never trusts a step that
 was not flushed.
@@ -29,10 +30,21 @@ META = "cache.json"
 CHUNK = 32  # steps between flushes: a killed writer loses at most this much work
 
 
-def _open(directory: Path, shape, mode: str, suffix: str = ""):
-    ids = np.lib.format.open_memmap(directory / f"ids.npy{suffix}", mode, np.int32, shape)
-    logits = np.lib.format.open_memmap(directory / f"logits.npy{suffix}", mode, np.float32, shape)
-    return ids, logits
+def arrays(key: dict) -> list[tuple[str, type, int]]:
+    """``(name, dtype, trailing dims dropped)`` of the arrays a cache with ``key`` holds: the
+    top-k ids and logits ``[S, B, T, k]``, and for the rest bucket the teacher's log-normaliser
+    at the run's temperature ``[S, B, T]``."""
+    out = [("ids", np.int32, 0), ("logits", np.float32, 0)]
+    return out + [("logz", np.float32, 1)] if key.get("top_k_rest") == "bucket" else out
+
+
+def _open(directory: Path, key: dict, shape, mode: str, suffix: str = ""):
+    return [
+        np.lib.format.open_memmap(
+            directory / f"{name}.npy{suffix}", mode, dtype, shape[: len(shape) - drop]
+        )
+        for name, dtype, drop in arrays(key)
+    ]
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
@@ -75,15 +87,15 @@ def build(
     shape = (steps, B, T, K)
     done = 0 if meta is None else meta["written"]
     if meta is not None and tuple(meta["shape"]) == shape:
-        ids, logits = _open(d, shape, "r+")
+        files = _open(d, key, shape, "r+")
     else:
-        ids, logits = _open(d, shape, "w+", suffix=".tmp")
+        files = _open(d, key, shape, "w+", suffix=".tmp")
         if done:  # written for fewer steps before: keep what it holds
-            ids[:done], logits[:done] = _open(d, tuple(meta["shape"]), "r")
-            ids.flush()
-            logits.flush()
+            for new, old in zip(files, _open(d, key, tuple(meta["shape"]), "r"), strict=True):
+                new[:done] = old[:done]
+                new.flush()
         # The old files stay whole until the new ones hold everything they did.
-        for name in ("ids", "logits"):
+        for name, _, _ in arrays(key):
             os.replace(d / f"{name}.npy.tmp", d / f"{name}.npy")
         if done:
             _write_meta(d, {"key": key, "shape": list(shape), "written": done})
@@ -95,17 +107,19 @@ def build(
         batch = next(batches)
         if i < done:
             continue
-        ids[i], logits[i] = top_k_fn(batch)
+        for f, value in zip(files, top_k_fn(batch), strict=True):
+            f[i] = value
         if (i + 1) % CHUNK == 0 or i + 1 == steps:
-            ids.flush()
-            logits.flush()
+            for f in files:
+                f.flush()
             _write_meta(d, {"key": key, "shape": list(shape), "written": i + 1})
-    del ids, logits
+    del files
 
 
 class CachedTeacher:
-    """A batch iterator that adds the cached ``teacher_ids`` and ``teacher_logits`` to each batch
-    of ``inner`` (which must yield the batches the cache was built from, in order)."""
+    """A batch iterator that adds the cached ``teacher_ids``, ``teacher_logits`` (and
+    ``teacher_logz``) to each batch of ``inner``, which must yield the batches the cache was built
+    from, in order."""
 
     def __init__(self, inner, directory, key: dict, steps: int):
         meta = read_meta(directory)
@@ -115,7 +129,9 @@ class CachedTeacher:
                 "run the same command again to (re)write it"
             )
         self.inner = inner
-        self.ids, self.logits = _open(Path(directory), tuple(meta["shape"]), "r")
+        names = [name for name, _, _ in arrays(key)]
+        files = _open(Path(directory), key, tuple(meta["shape"]), "r")
+        self.files = dict(zip(names, files, strict=True))
         self.step = 0
 
     @property
@@ -130,15 +146,15 @@ class CachedTeacher:
         return self
 
     def __next__(self) -> dict:
-        if self.step >= len(self.ids):
+        if self.step >= len(self.files["ids"]):
             raise DataError(
-                f"the teacher cache holds {len(self.ids)} steps and the run asked for more; "
-                "raise the steps the cache is written for by running the command with --steps"
+                f"the teacher cache holds {len(self.files['ids'])} steps and the run asked for "
+                "more; raise the steps the cache is written for by running the command with --steps"
             )
         batch = next(self.inner)
         rows = self.inner.local_rows
-        batch["teacher_ids"] = np.asarray(self.ids[self.step][rows])
-        batch["teacher_logits"] = np.asarray(self.logits[self.step][rows])
+        for name, f in self.files.items():
+            batch[f"teacher_{name}"] = np.asarray(f[self.step][rows])
         self.step += 1
         return batch
 

@@ -39,11 +39,13 @@ from llmjax.data import DataConfig, Tokenizer, build_data, eval_batches, teacher
 from llmjax.data.sft import SFTDataConfig, build_sft_data
 from llmjax.errors import DataError
 from llmjax.losses import (
+    TOP_K_RESTS,
     distill_loss,
     distill_loss_top_k,
     masked_cross_entropy,
     next_token_loss,
     real_tokens,
+    teacher_log_normalizer,
     teacher_top_k,
 )
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
@@ -68,7 +70,10 @@ class DistillConfig:
     beta: float = 0.5  # jsd: the teacher's weight in the mixture
     temperature: float = 1.0
     alpha: float = 0.0  # weight of the hard-label cross entropy; 1 - alpha goes to the divergence
-    top_k: int = 0  # > 0: forward KL against the teacher's renormalised top-k only
+    top_k: int = 0  # > 0: forward KL against the teacher's top-k only
+    # What top-k does with the teacher's other ids: "bucket" keeps their mass as one outcome,
+    # "renormalize" spreads it over the k (sharper than the teacher; see benchmarks.md).
+    top_k_rest: str = "bucket"
     on_policy_fraction: float = 0.0  # GKD's lambda: steps whose continuations the student samples
     seq_kd: bool = False  # other steps train on the teacher's sampled continuations
     sample_temperature: float = 1.0  # of on-policy and sequence-level continuations
@@ -88,6 +93,10 @@ class DistillConfig:
             (self.temperature > 0, f"temperature={self.temperature}: must be positive"),
             (0 <= self.alpha <= 1, f"alpha={self.alpha}: the hard-label weight lies in [0, 1]"),
             (self.top_k >= 0, f"top_k={self.top_k}: must be >= 0 (0: the full vocabulary)"),
+            (
+                self.top_k_rest in TOP_K_RESTS,
+                f"top_k_rest={self.top_k_rest!r}: expected one of {', '.join(TOP_K_RESTS)}",
+            ),
             (
                 0 <= self.on_policy_fraction <= 1,
                 f"on_policy_fraction={self.on_policy_fraction}: a probability in [0, 1]",
@@ -276,6 +285,7 @@ def make_loss(cfg: DistillConfig, student, teacher, stop_ids):
                 batch["teacher_logits"],
                 mask,
                 temperature=cfg.temperature,
+                teacher_logz_BT=batch.get("teacher_logz"),
             )
         else:
             t_logits = teacher.apply(
@@ -289,6 +299,7 @@ def make_loss(cfg: DistillConfig, student, teacher, stop_ids):
                 beta=cfg.beta,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
+                top_k_rest=cfg.top_k_rest,
             )
             aux["distill/teacher_nll"] = masked_cross_entropy(t_logits, batch["targets"], mask)[0]
         a = cfg.alpha if on is None else cfg.alpha * (1.0 - on)
@@ -303,13 +314,16 @@ def make_loss(cfg: DistillConfig, student, teacher, stop_ids):
     return loss
 
 
-def _teacher_forward(teacher, params, top_k: int):
+def _teacher_forward(teacher, params, cfg: DistillConfig):
+    bucket = cfg.top_k_rest == "bucket"
+
     @jax.jit
     def top(params, batch):
         logits = teacher.apply(
             params, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
         )
-        return teacher_top_k(logits, top_k)
+        out = teacher_top_k(logits, cfg.top_k)
+        return (*out, teacher_log_normalizer(logits, cfg.temperature)) if bucket else out
 
     return lambda batch: tuple(np.asarray(a) for a in top(params, batch))
 
@@ -349,6 +363,7 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
             "temperature",
             "alpha",
             "top_k",
+            "top_k_rest",
             "on_policy_fraction",
             "seq_kd",
             "sample_temperature",
@@ -380,7 +395,10 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
             "batch_size": cfg.data.batch_size,
             "seq_len": cfg.data.seq_len,
             "quantize_teacher": q,
+            "top_k_rest": cfg.top_k_rest,
         }
+        if cfg.top_k_rest == "bucket":  # its log-normalisers are the temperature's
+            key["temperature"] = cfg.temperature
         meta = teacher_cache.read_meta(absolute(cfg.teacher_cache))
         complete = meta is not None and meta["key"] == key and meta["written"] >= cfg.loop.steps
         if not complete and jax.process_count() > 1:
@@ -389,7 +407,7 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
                 "the same command first (the job then reads it on every host), or distil online"
             )
         start = train_it.state()
-        forward = _teacher_forward(teacher_model, teacher_params, cfg.top_k)
+        forward = _teacher_forward(teacher_model, teacher_params, cfg)
         teacher_cache.build(
             absolute(cfg.teacher_cache), key, cfg.loop.steps, train_it, forward, log
         )

@@ -110,13 +110,14 @@ def test_offline_cache_gives_the_online_top_k_loss(trained_run, tmp_path, data_c
     rng = jax.random.PRNGKey(2)
     for step in range(3):  # the cache follows the data iterator batch by batch
         b_on, b_off = next(online.train), next(offline.train)
-        assert set(b_off) - set(b_on) == {"teacher_ids", "teacher_logits"}
+        assert set(b_off) - set(b_on) == {"teacher_ids", "teacher_logits", "teacher_logz"}
         on = jax.jit(online.loss)(params, online.frozen, b_on, rng)
         off = jax.jit(offline.loss)(params, {}, b_off, rng)
         np.testing.assert_allclose(off[0], on[0], rtol=1e-6, err_msg=f"step {step}")
         np.testing.assert_allclose(off[1]["distill/kl"], on[1]["distill/kl"], rtol=1e-6)
     meta = teacher_cache.read_meta(cache)
     assert meta["written"] == 300 and meta["key"]["top_k"] == 5
+    assert meta["key"]["top_k_rest"] == "bucket" and meta["key"]["temperature"] == 2.0
     # A resumed iterator reads the cache from where the checkpoint left it.
     state = offline.train.state()
     ids = next(offline.train)["teacher_ids"]
