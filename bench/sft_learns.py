@@ -79,6 +79,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/sft-bench", help="where the base, data and runs go")
     p.add_argument("--only", choices=list(RUNS), action="append", help="run only these")
     p.add_argument("--base", help="an existing base run to use instead of pretraining one")
+    p.add_argument(
+        "--seed", type=int, default=0, help="adapter init and data order (loop.seed, data.seed)"
+    )
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +100,12 @@ def main(argv=None) -> dict:
         if args.only and name not in args.only:
             continue
         run = out / name.split(",")[0].replace(" ", "-").lower()
+        seeded = []
+        if args.seed:
+            run = run.with_name(f"{run.name}-seed{args.seed}")
+            seeded = ["--set", f"loop.seed={args.seed}", "--set", f"data.seed={args.seed}"]
         cmd = ["sft", "--base", str(base), "--data", str(data), "--out", str(run), *COMMON, *extra]
+        cmd += seeded
         print("llmjax " + " ".join(cmd), flush=True)
         seconds[name] = llmjax_cli(*cmd)
         results[name] = final(run)

@@ -112,14 +112,23 @@ def cmd_pretrain(args) -> int:
 
     cfg = build_pretrain_config(args)
     result = pretrain.run(cfg, args.out)
-    if result.stopped == "complete":
+    # The default corpus is Python source: a prompt it can continue.
+    prompt = "The " if cfg.data.paths else "def "
+    return finish(result, lambda: next_steps(args.out, result.step, prompt))
+
+
+def finish(result, next_steps) -> int:
+    """A training command's exit: 128 + the signal when it stopped early (the same command
+    resumes), else 0, with ``next_steps()`` printed by process 0 after a run that trained."""
+    import llmjax.distributed
+
+    if result.stopped == "complete":  # reported by the recipe; nothing trained
         return 0
     if result.stopped != "done":
         print(f"stopped at step {result.step}; run the same command to resume", file=sys.stderr)
         return 128 + (result.signum or 15)  # the shell's convention for "killed by signal"
     if llmjax.distributed.is_main_process():
-        # The default corpus is Python source: a prompt it can continue.
-        print(next_steps(args.out, result.step, "The " if cfg.data.paths else "def "))
+        print(next_steps())
     return 0
 
 

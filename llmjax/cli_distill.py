@@ -10,10 +10,9 @@ llmjax distill --teacher runs/big --student llama3-tiny --data corpus.txt --top-
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
-from llmjax.cli import HelpFormatter, _absolute
+from llmjax.cli import HelpFormatter, _absolute, finish
 
 
 def add_parser(sub) -> None:
@@ -154,14 +153,12 @@ def cmd_distill(args) -> int:
 
     cfg = build_config(args)
     result = distill.run(cfg, args.out)
-    if result.stopped not in ("done", "complete"):
-        print(f"stopped at step {result.step}; run the same command to resume", file=sys.stderr)
-        return 128 + (result.signum or 15)
-    if llmjax.distributed.is_main_process():
-        run = shlex.quote(args.out)
-        export = shlex.quote(args.out.rstrip("/") + "-hf")
-        print(
+    run = shlex.quote(args.out)
+    export = shlex.quote(args.out.rstrip("/") + "-hf")
+    return finish(
+        result,
+        lambda: (
             f"next:\n  llmjax eval --ckpt {run}\n  llmjax generate --ckpt {run} --prompt "
             f'"Hello"\n  llmjax export --ckpt {run} --out {export}'
-        )
-    return 0
+        ),
+    )

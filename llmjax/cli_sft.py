@@ -8,10 +8,9 @@ llmjax sft --base ./Qwen3-0.6B --data chat.jsonl --lora-rank 16 --quantize-base 
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
-from llmjax.cli import HelpFormatter, _absolute
+from llmjax.cli import HelpFormatter, _absolute, finish
 
 
 def add_parser(sub) -> None:
@@ -114,16 +113,14 @@ def cmd_sft(args) -> int:
 
     cfg = build_config(args)
     result = sft.run(cfg, args.out)
-    if result.stopped != "done":
-        print(f"stopped at step {result.step}; run the same command to resume", file=sys.stderr)
-        return 128 + (result.signum or 15)
-    if llmjax.distributed.is_main_process():
-        run = shlex.quote(args.out)
-        export = shlex.quote(args.out.rstrip("/") + ("-peft" if cfg.lora else "-hf"))
-        saved = shlex.quote(str(Path(args.out) / "checkpoints" / str(result.step)))
-        print(
+    run = shlex.quote(args.out)
+    export = shlex.quote(args.out.rstrip("/") + ("-peft" if cfg.lora else "-hf"))
+    saved = shlex.quote(str(Path(args.out) / "checkpoints" / str(result.step)))
+    return finish(
+        result,
+        lambda: (
             f"saved {saved}; next:\n"
             f'  llmjax generate --ckpt {run} --chat --prompt "Hello"\n'
             f"  llmjax export --ckpt {run} --out {export}" + (" [--merge]" if cfg.lora else "")
-        )
-    return 0
+        ),
+    )
