@@ -97,7 +97,20 @@ _IDENTITY_FIXES = {
     "base": "were trained from another base model; use a new --out, or the same --base to resume",
     "trainable": "train another set of parameters (LoRA or trainable settings changed); use a new "
     "--out, or the same settings to resume",
+    "teacher": "were distilled from another teacher (its files' hash differs); use a new --out, "
+    "or the same --teacher to resume",
+    "student_start": "started the student from another model; use a new --out, or the same "
+    "--student to resume",
+    "distill": "were trained with other distillation settings ({diff}); use a new --out, or the "
+    "same settings to resume",
 }
+
+
+def _setting_changes(saved, now) -> str:
+    if not (isinstance(saved, dict) and isinstance(now, dict)):
+        return f"was {saved!r}, now {now!r}"
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    return ", ".join(f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in keys)
 
 
 def _compatible(task, meta: dict) -> None:
@@ -110,8 +123,10 @@ def _compatible(task, meta: dict) -> None:
         )
     saved = meta.get("identity", {"tokenizer_sha256": meta.get("tokenizer_sha256")})
     for key, value in task.identity.items():
-        if key in saved and saved[key] != json.loads(json.dumps(value)):
-            why = _IDENTITY_FIXES.get(key, f"differ in {key}; use a new --out")
+        now = json.loads(json.dumps(value))
+        if key in saved and saved[key] != now:
+            fix = _IDENTITY_FIXES.get(key, f"differ in {key} ({{diff}}); use a new --out")
+            why = fix.format(diff=_setting_changes(saved[key], now))
             raise CheckpointMismatch(f"the checkpoints in this output directory {why}")
 
 

@@ -88,6 +88,17 @@ def test_on_policy_run_resumes_bit_exactly_and_never_saves_the_teacher(
     assert start["step"] == 0 and start["student_params"] == a.model.num_params()
 
 
+def test_resume_names_the_distillation_setting_that_changed(
+    trained_run, tmp_path, data_cache, capsys
+):
+    out = tmp_path / "run"
+    assert distil(trained_run, out, data_cache, "--kind", "jsd", "--steps", "1") == 0
+    capsys.readouterr()
+    assert distil(trained_run, out, data_cache, "--kind", "reverse_kl", "--steps", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kind was 'jsd', now 'reverse_kl'" in err[0], err
+
+
 def _task(trained_run, tmp_path, data_cache, **settings):
     cfg = distill.DistillConfig(
         teacher=str(trained_run),
