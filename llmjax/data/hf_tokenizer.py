@@ -354,3 +354,14 @@ def open_tokenizer(path: str | os.PathLike) -> Tokenizer | HFTokenizer:
         f"tokenizer {str(p)!r} is a {p.suffix or 'suffix-less'} file; give a Hugging Face tokenizer "
         f"directory, a {TOKENIZER_JSON} or a SentencePiece .model file"
     )
+
+
+def keep_copy(tokenizer, out_dir, prefix: str) -> Path:
+    """Save ``tokenizer`` into ``<out_dir>/tokenizer/`` once, named by its hash, so a run stays
+    usable when the model it came from moves or changes (runs find it there by that hash)."""
+    keep = Path(out_dir) / "tokenizer" / f"{prefix}-{tokenizer.sha256[:12]}"
+    if isinstance(tokenizer, Tokenizer):  # llmjax's own: one SentencePiece file
+        keep = keep.with_suffix(".model")
+    if not keep.exists():
+        tokenizer.save(keep)
+    return keep

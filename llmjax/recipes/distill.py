@@ -35,7 +35,8 @@ import numpy as np
 import llmjax
 from llmjax.checkpoint.manager import absolute
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.data import DataConfig, Tokenizer, build_data, eval_batches, teacher_cache
+from llmjax.data import DataConfig, build_data, eval_batches, teacher_cache
+from llmjax.data.hf_tokenizer import keep_copy
 from llmjax.data.sft import SFTDataConfig, build_sft_data
 from llmjax.errors import DataError
 from llmjax.losses import (
@@ -51,6 +52,8 @@ from llmjax.losses import (
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
+# Fields recorded elsewhere in a run's identity, or that do not change what it learns.
+_NOT_SETTINGS = ("teacher", "student", "data", "optim", "loop", "teacher_cache", "model", "name")
 QUANTIZE_MODES = ("", "int8", "nf4")
 
 
@@ -346,31 +349,12 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
     train_it, heldout, fingerprint, description = build_data_for(
         cfg, tokenizer, student_cfg.vocab_size, out_dir
     )
-    # The run keeps its own copy of the tokenizer: the teacher may move or change.
-    keep = Path(out_dir) / "tokenizer" / f"distill-{tokenizer.sha256[:12]}"
-    if isinstance(tokenizer, Tokenizer):  # llmjax's own: one SentencePiece file
-        keep = keep.with_suffix(".model")
-    if not keep.exists():
-        tokenizer.save(keep)
+    keep_copy(tokenizer, out_dir, "distill")
     log(f"teacher: {teacher.source['kind']} {teacher.source['path']} ({teacher.model})")
     log(f"student: {cfg.student} ({student})")
     log(f"data: {description}")
     settings = {
-        k: getattr(cfg, k)
-        for k in (
-            "kind",
-            "beta",
-            "temperature",
-            "alpha",
-            "top_k",
-            "top_k_rest",
-            "on_policy_fraction",
-            "seq_kd",
-            "sample_temperature",
-            "prompt_len",
-            "max_new_tokens",
-            "quantize_teacher",
-        )
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_SETTINGS
     }
     identity = {
         "tokenizer_sha256": tokenizer.sha256,
@@ -399,7 +383,8 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
         }
         if cfg.top_k_rest == "bucket":  # its log-normalisers are the temperature's
             key["temperature"] = cfg.temperature
-        meta = teacher_cache.read_meta(absolute(cfg.teacher_cache))
+        cache_dir = absolute(cfg.teacher_cache)
+        meta = teacher_cache.read_meta(cache_dir)
         complete = meta is not None and meta["key"] == key and meta["written"] >= cfg.loop.steps
         if not complete and jax.process_count() > 1:
             raise ConfigError(
@@ -408,13 +393,9 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
             )
         start = train_it.state()
         forward = _teacher_forward(teacher_model, teacher_params, cfg)
-        teacher_cache.build(
-            absolute(cfg.teacher_cache), key, cfg.loop.steps, train_it, forward, log
-        )
+        teacher_cache.build(cache_dir, key, cfg.loop.steps, train_it, forward, log)
         train_it.restore(start)
-        train_it = teacher_cache.CachedTeacher(
-            train_it, absolute(cfg.teacher_cache), key, cfg.loop.steps
-        )
+        train_it = teacher_cache.CachedTeacher(train_it, cache_dir, key, cfg.loop.steps)
         del forward, teacher_params  # training runs without the teacher
     else:
         frozen["teacher"] = teacher_params
@@ -439,7 +420,7 @@ def task(cfg: DistillConfig, out_dir, log=print) -> Task:
 
 
 def prepare(cfg: DistillConfig) -> DistillConfig:
-    """``cfg`` with absolute paths and the student's model config filled in."""
+    """``cfg`` checked for its teacher and student, with the teacher's absolute path."""
     _check_paths(cfg)
     cfg = dataclasses.replace(cfg, teacher=str(absolute(cfg.teacher)))
     return cfg

@@ -13,14 +13,13 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 
 import llmjax
 from llmjax.checkpoint.manager import absolute
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.data import Tokenizer
+from llmjax.data.hf_tokenizer import keep_copy
 from llmjax.data.sft import SFTData, SFTDataConfig, build_sft_data
 from llmjax.errors import DataError
 from llmjax.lora import LoraConfig, apply_lora, count_trainable, init_lora, lora_axes
@@ -250,11 +249,7 @@ def prepare(cfg: SFTConfig, out_dir, log=print):
         )
     data = build_sft_data(cfg.data, base.tokenizer, cfg.model.vocab_size)
     # The run keeps its own copy of the tokenizer: the base may move or change.
-    keep = Path(out_dir) / "tokenizer" / f"sft-{data.tokenizer.sha256[:12]}"
-    if isinstance(data.tokenizer, Tokenizer):  # llmjax's own: one SentencePiece file
-        keep = keep.with_suffix(".model")
-    if not keep.exists():
-        data.tokenizer.save(keep)
+    keep_copy(data.tokenizer, out_dir, "sft")
     log(f"base: {base.source['kind']} {base.source['path']} ({base.model})")
     log(f"data: {data.description}")
     return cfg, base, data
