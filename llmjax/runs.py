@@ -33,6 +33,7 @@ class LoadedRun:
     adapters: dict | None = None  # a LoRA run's adapters, as trained
     lora: object = None  # its LoraConfig
     base_params: dict | None = None  # a LoRA run's base as trained (dequantized for QLoRA)
+    head: dict | None = None  # a reward model's scalar head ({"score": [D]}); None otherwise
 
 
 def load_run(path: str | Path, notify=None) -> LoadedRun:
@@ -85,6 +86,7 @@ def _load_step(step_dir: Path) -> LoadedRun:
 
 
 def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
+    from llmjax.config import dtype_of
     from llmjax.data import DataError
     from llmjax.inference.quantize import dequantize
     from llmjax.lora import LoraConfig, init_lora, merge
@@ -98,24 +100,37 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
             f"the base model at {cfg['base']} changed since {step_dir} was trained from it "
             "(its files' hash differs); put the original base back at that path"
         )
+    # A reward model's checkpoint holds {"decoder": what trained of the base, "head": ...}.
+    scored = meta["identity"].get("head") == "score"
+
+    def read(decoder_abstract):
+        tree = decoder_abstract
+        if scored:
+            D = model.config.d_model
+            head = {"score": jax.ShapeDtypeStruct((D,), dtype_of(model.config.param_dtype))}
+            tree = {"decoder": decoder_abstract, "head": head}
+        state, meta_ = restore(step_dir, {"params": _on_device(tree)}, partial=True)
+        params = state["params"]
+        return (params["decoder"], params["head"]) if scored else (params, None), meta_
+
     if cfg.get("lora"):
         lora = LoraConfig(**cfg["lora"])
         abstract = jax.eval_shape(lambda: init_lora(model, lora, jax.random.PRNGKey(0)))
-        state, meta = restore(step_dir, {"params": _on_device(abstract)}, partial=True)
+        (adapters, head), meta = read(abstract)
         frozen = base.params
         if cfg.get("quantize_base"):  # the forward it trained with saw the quantized base
             # Runs from before quantize_keep existed quantized every linear weight.
             keep = cfg.get("quantize_keep", "")
             frozen = dequantize(quantized_base(model, base.params, cfg["quantize_base"], keep))
-        params = jax.jit(merge, static_argnums=2)(frozen, state["params"], lora)
-        return LoadedRun(model, params, meta, tok, step_dir, state["params"], lora, frozen)
+        params = jax.jit(merge, static_argnums=2)(frozen, adapters, lora)
+        return LoadedRun(model, params, meta, tok, step_dir, adapters, lora, frozen, head)
     trained, rest = (
         split_trainable(base.params, cfg["trainable"])
         if cfg.get("trainable")
         else (base.params, {})
     )
-    state, meta = restore(step_dir, {"params": _on_device(_shapes(trained))}, partial=True)
-    return LoadedRun(model, join(state["params"], rest), meta, tok, step_dir)
+    (decoder, head), meta = read(_shapes(trained))
+    return LoadedRun(model, join(decoder, rest), meta, tok, step_dir, head=head)
 
 
 def _shapes(tree):

@@ -90,11 +90,14 @@ class Skips:
     counts: dict[str, int] = field(default_factory=dict)
     lines: dict[str, list[int]] = field(default_factory=dict)
     first: dict[str, str] = field(default_factory=dict)  # reason -> the first record's detail
+    # reason -> fix, for other record formats (preference pairs) whose fixes read differently
+    fixes: dict[str, str] = field(default_factory=dict)
 
     def add(self, line: int, reason: str, detail: str) -> None:
         if self.strict:
+            fix = self.fixes.get(reason) or _FIXES[reason]
             raise DataError(
-                f"{self.path}:{line}: {detail}; {_FIXES[reason]} (without strict, "
+                f"{self.path}:{line}: {detail}; {fix} (without strict, "
                 "--strict on the command line, such records are skipped and counted)"
             )
         self.counts[reason] = self.counts.get(reason, 0) + 1

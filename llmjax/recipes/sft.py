@@ -142,23 +142,40 @@ def quantized_base(model, params, mode: str, keep: str = ""):
     return quantize(model, params, mode, keep=keep) if mode else params
 
 
-def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
-    """The fine-tuning ``Task``: what trains, what stays frozen, the loss and the evaluation."""
-    model = base.model
-    scored = next_token_loss(model, accuracy=True)
+@dataclass
+class Trainable:
+    """What a fine-tuning run trains over a base: LoRA adapters over the frozen (optionally
+    quantized) base, or the base's parameters (all, or those ``trainable`` selects)."""
+
+    initial: object  # the trainable parameters at step 0, or a function of a PRNG key
+    axes: dict
+    frozen: dict
+    frozen_axes: dict
+    params_of: object  # (trainable, frozen, rng=None) -> parameters for model.apply
+    count: int
+    total: int
+    identity: dict  # what a checkpoint must have trained to be resumed
+
+    def log_count(self, log) -> None:
+        n, total = self.count, self.total
+        log(f"trainable parameters: {n:,} of {total:,} ({100 * n / total:.3f}%)")
+
+    @property
+    def start_metrics(self) -> dict:
+        return {"trainable_params": self.count, "fraction_trainable": self.count / self.total}
+
+
+def trainable(cfg, model, params) -> Trainable:
+    """The ``Trainable`` of a config with the fields ``lora``, ``quantize_base``,
+    ``quantize_keep`` and ``trainable`` (``SFTConfig`` and the preference recipes')."""
     identity = {
-        "tokenizer_sha256": data.tokenizer.sha256,
-        "data_fingerprint": data.fingerprint,
-        "base": base.source["sha256"],
-        "trainable": {
-            "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None,
-            "quantize_base": cfg.quantize_base,
-            "quantize_keep": cfg.quantize_keep if cfg.quantize_base else "",
-            "pattern": cfg.trainable,
-        },
+        "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None,
+        "quantize_base": cfg.quantize_base,
+        "quantize_keep": cfg.quantize_keep if cfg.quantize_base else "",
+        "pattern": cfg.trainable,
     }
     if cfg.lora is not None:
-        frozen = {"base": quantized_base(model, base.params, cfg.quantize_base, cfg.quantize_keep)}
+        frozen = {"base": quantized_base(model, params, cfg.quantize_base, cfg.quantize_keep)}
         # Quantized blocks do not have the weights' shapes: they stay whole on every device.
         frozen_axes = {"base": None if cfg.quantize_base else model.param_axes()}
 
@@ -166,38 +183,62 @@ def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
             return apply_lora(frozen["base"], adapters, cfg.lora, key=rng)
 
         initial = lambda key: init_lora(model, cfg.lora, key)  # noqa: E731
-        axes = lora_axes(model, cfg.lora)
         count = count_trainable(model, jax.eval_shape(initial, jax.random.PRNGKey(0)))
-        trainable, total = count.trainable, count.total
-    else:
-        initial, rest = (
-            split_trainable(base.params, cfg.trainable) if cfg.trainable else (base.params, {})
+        return Trainable(
+            initial,
+            lora_axes(model, cfg.lora),
+            frozen,
+            frozen_axes,
+            params_of,
+            count.trainable,
+            count.total,
+            identity,
         )
-        frozen, frozen_axes = {"rest": rest}, {"rest": subtree(model.param_axes(), rest)}
-        axes = subtree(model.param_axes(), initial)
+    initial, rest = split_trainable(params, cfg.trainable) if cfg.trainable else (params, {})
 
-        def params_of(params, frozen, rng=None):
-            return join(params, frozen["rest"])
+    def params_of(params, frozen, rng=None):
+        return join(params, frozen["rest"])
 
-        trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(initial))
-        total = model.num_params()
+    return Trainable(
+        initial,
+        subtree(model.param_axes(), initial),
+        {"rest": rest},
+        {"rest": subtree(model.param_axes(), rest)},
+        params_of,
+        sum(math.prod(x.shape) for x in jax.tree.leaves(initial)),
+        model.num_params(),
+        identity,
+    )
+
+
+def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
+    """The fine-tuning ``Task``: what trains, what stays frozen, the loss and the evaluation."""
+    model = base.model
+    scored = next_token_loss(model, accuracy=True)
+    t = trainable(cfg, model, base.params)
+    identity = {
+        "tokenizer_sha256": data.tokenizer.sha256,
+        "data_fingerprint": data.fingerprint,
+        "base": base.source["sha256"],
+        "trainable": t.identity,
+    }
 
     def loss(params, frozen, batch, rng):
-        return scored(params_of(params, frozen, rng), {}, batch, rng)
+        return scored(t.params_of(params, frozen, rng), {}, batch, rng)
 
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    t.log_count(log)
     return Task(
-        params=initial,
-        axes=axes,
+        params=t.initial,
+        axes=t.axes,
         loss=loss,
         train=data.train,
         heldout=data.heldout.batches,
         model=model.config,
-        frozen=frozen,
-        frozen_axes=frozen_axes,
-        evaluate=_exact_match_eval(cfg, model, data, params_of),
+        frozen=t.frozen,
+        frozen_axes=t.frozen_axes,
+        evaluate=_exact_match_eval(cfg, model, data, t.params_of),
         identity=identity,
-        start_metrics={"trainable_params": trainable, "fraction_trainable": trainable / total},
+        start_metrics=t.start_metrics,
     )
 
 

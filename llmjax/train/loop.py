@@ -103,6 +103,9 @@ _IDENTITY_FIXES = {
     "--student to resume",
     "distill": "were trained with other distillation settings ({diff}); use a new --out, or the "
     "same settings to resume",
+    "preference": "were trained with other preference settings ({diff}); use a new --out, or the "
+    "same settings to resume",
+    "head": "are of another kind of run (a reward model's scalar head, or none); use a new --out",
 }
 
 
@@ -261,7 +264,9 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
             frozen=frozen,
             place=place_batch,
         )
-        metrics = {"eval_loss": result.loss, "perplexity": math.exp(min(result.loss, 700.0))}
+        metrics = {"eval_loss": result.loss}
+        if task.eval_perplexity:
+            metrics["perplexity"] = math.exp(min(result.loss, 700.0))
         metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "nll"})
         if task.evaluate is not None:
             metrics.update(task.evaluate(state["params"], frozen))
@@ -333,10 +338,8 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
                         for k, v in evals.items()
                         if k not in ("eval_loss", "perplexity")
                     )
-                    progress.message(
-                        f"step {step}: eval loss {eval_loss:.4f}, perplexity "
-                        f"{evals['perplexity']:.2f}{extra}"
-                    )
+                    ppl = f", perplexity {evals['perplexity']:.2f}" if "perplexity" in evals else ""
+                    progress.message(f"step {step}: eval loss {eval_loss:.4f}{ppl}{extra}")
 
                 if step % loop.log_every == 0 or last or step == start + 1:
                     tps = tokens_since_log / max(step_time, 1e-9)

@@ -14,7 +14,9 @@ The loop knows nothing of pretraining, fine-tuning or adapters. A recipe gives i
 - ``identity``: what a checkpoint must have been trained with to be resumed (the tokenizer's and
   the data's fingerprints, the base's hash, ...), recorded in every checkpoint and compared on
   resume; ``model`` the model config whose differences are named when they disagree;
-  ``start_metrics``: numbers logged once at step 0 (trainable parameter counts, ...).
+  ``start_metrics``: numbers logged once at step 0 (trainable parameter counts, ...);
+- ``eval_perplexity``: False when the loss is not a next-token NLL (preference losses), so no
+  perplexity is derived from it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Task:
     evaluate: Callable[[dict, dict], dict] | None = None
     identity: dict = field(default_factory=dict)
     start_metrics: dict = field(default_factory=dict)  # logged at step 0 of a fresh run
+    eval_perplexity: bool = True
 
 
 def tree_shardings(axes, abstract, mesh, rules):

@@ -81,3 +81,22 @@ def write_records(path: Path, extra: list[str] = ()) -> Path:
     ]
     path.write_text("\n".join([*lines, *extra]) + "\n")
     return path
+
+
+def write_pairs(path: Path, extra: list[str] = ()) -> Path:
+    """Single-digit sums as {"prompt", "chosen", "rejected"} pairs (the right sum is chosen, a
+    wrong one rejected), plus raw ``extra`` lines."""
+    lines = [
+        json.dumps(
+            {
+                "prompt": f"what is {NUMBERS[a]} plus {NUMBERS[b]}",
+                "chosen": f" {NUMBERS[a + b]}",
+                "rejected": f" {NUMBERS[(a + b + 1 + (a * 7 + b) % 8) % 10]}",
+            }
+        )
+        for a in range(10)
+        for b in range(10)
+        if a + b < 10
+    ]
+    path.write_text("\n".join([*lines, *extra]) + "\n")
+    return path

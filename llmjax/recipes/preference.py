@@ -1,0 +1,486 @@
+"""Preference tuning: DPO and its variants, and Bradley-Terry reward models, on TRL-format pairs.
+
+A recipe module is configs, a loss and data. The data is ``llmjax.data.preference`` (each batch
+holds ``B`` pairs, chosen and rejected side by side on axis 1); the base, what trains over it
+(every parameter, a subset, or LoRA adapters over a frozen, optionally quantized base) and the
+losses of ``llmjax.losses`` become a ``Task`` for the shared loop.
+
+DPO (``DPOConfig``, ``llmjax dpo``). The policy starts as the base; the reference is the base as
+it was. Its log-probs are either computed once before training, stored beside the checkpoints
+(``reference_logps.npz``) and read with each batch, so no reference model is in memory while
+training (``reference="cached"``, the default), or computed in every step
+(``reference="online"``): with LoRA from the frozen base with the adapters off (no second copy);
+with full fine-tuning from a frozen copy of the base. SimPO and ORPO use no reference: none is
+loaded or computed. IPO, SimPO and ORPO score a completion by its mean token log-prob, the
+others by the sum.
+
+Reward models (``RewardConfig``, ``llmjax reward``): the base plus a scalar head
+(``llmjax.scalar_head``) at each sequence's last token, trained with the Bradley-Terry loss. The
+trainable tree is ``{"decoder": ..., "head": {"score": [D]}}``; the output head is left out of
+full fine-tuning by default (a reward model never reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llmjax
+from llmjax import distributed, sharding
+from llmjax.checkpoint.manager import absolute
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.data.hf_tokenizer import keep_copy
+from llmjax.data.preference import PreferenceDataConfig, build_preference_data
+from llmjax.lora import LoraConfig
+from llmjax.losses import (
+    PREFERENCE_LOSSES,
+    orpo_loss,
+    preference_loss,
+    real_tokens,
+    reward_model_loss,
+    sequence_logprobs,
+    simpo_loss,
+)
+from llmjax.recipes.sft import QUANTIZE_MODES, load_base, trainable
+from llmjax.scalar_head import init_score_head, score_axes, sequence_scores
+from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
+from llmjax.train import mesh as mesh_lib
+from llmjax.train.task import place, tree_shardings
+
+LOSSES = (*PREFERENCE_LOSSES, "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+AVERAGED = ("ipo", "simpo", "orpo")  # losses on mean token log-probs
+REFERENCES = ("cached", "online")
+REFERENCE_FILE = "reference_logps.npz"
+# A reward model never reads the output head: full fine-tuning leaves it out by default.
+WITHOUT_LM_HEAD = r"(?!lm_head\b).*"
+_SIDES = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@dataclass(frozen=True)
+class _Tuned:
+    """What both preference recipes share: the base, the data and what trains over the base."""
+
+    base: str = ""  # a llmjax run directory or a Hugging Face model directory
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optim: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-6, warmup_steps=10, weight_decay=0.0)
+    )
+    loop: LoopConfig = field(
+        default_factory=lambda: LoopConfig(steps=200, eval_every=50, save_every=50, sample_tokens=0)
+    )
+    lora: LoraConfig | None = None  # None: full fine-tuning
+    quantize_base: str = ""  # LoRA only: the frozen base stored as int8 or nf4 (QLoRA)
+    quantize_keep: str = "lm_head"  # weights a quantized base keeps in float (a regex)
+    trainable: str = ""  # full fine-tuning only: a regex over parameter paths; empty: all
+    model: ModelConfig | None = None
+
+    def __post_init__(self):
+        if self.quantize_base not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"quantize_base={self.quantize_base!r}: expected int8 or nf4 (or empty for none)"
+            )
+        if self.quantize_base and self.lora is None:
+            raise ConfigError(
+                "a quantized base trains only with LoRA adapters: give --lora-rank (QLoRA), or "
+                "drop --quantize-base"
+            )
+        if self.trainable and self.lora is not None:
+            raise ConfigError(
+                "trainable selects parameters for full fine-tuning; with LoRA, choose the adapted "
+                "weights with --lora-targets instead"
+            )
+        if self.data.batch_size % self.loop.grad_accum:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by "
+                f"loop.grad_accum={self.loop.grad_accum}"
+            )
+
+
+@dataclass(frozen=True)
+class DPOConfig(_Tuned):
+    """One DPO-family run. ``beta`` 0 takes the loss's usual value: 2.0 for SimPO, else 0.1."""
+
+    loss: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing), hinge, ipo, robust, ...
+    beta: float = 0.0
+    label_smoothing: float = 0.0  # sigmoid and robust
+    gamma: float = 0.5  # simpo: the target reward margin
+    lam: float = 0.1  # orpo: the weight of the odds-ratio term
+    reference: str = "cached"  # cached: computed once before training; online: every step
+    name: str = "dpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference={self.reference!r}: expected cached or online")
+        if self.beta < 0:
+            raise ConfigError(f"beta={self.beta}: must be positive (0: the loss's default)")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ConfigError(
+                f"label_smoothing={self.label_smoothing} applies to --loss sigmoid (cDPO) or "
+                f"robust, not {self.loss}"
+            )
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing={self.label_smoothing}: must lie in [0, 0.5)")
+        if self.lam < 0:
+            raise ConfigError(f"lam={self.lam}: must be >= 0")
+
+    @property
+    def beta_value(self) -> float:
+        return self.beta or (2.0 if self.loss == "simpo" else 0.1)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
+
+
+@dataclass(frozen=True)
+class RewardConfig(_Tuned):
+    """One reward-model run: the base plus a scalar head, trained on which side is chosen."""
+
+    optim: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_steps=10, weight_decay=0.0)
+    )
+    trainable: str = WITHOUT_LM_HEAD
+    center_coef: float = 0.0  # TRL's center_rewards_coefficient
+    name: str = "reward"
+
+    def __post_init__(self):
+        if self.lora is not None and self.trainable == WITHOUT_LM_HEAD:
+            object.__setattr__(self, "trainable", "")
+        super().__post_init__()
+        if self.center_coef < 0:
+            raise ConfigError(f"center_coef={self.center_coef}: must be >= 0 (0: off)")
+
+
+# --- log-probs of pairs ----------------------------------------------------------------------------
+
+
+def _flat(batch) -> dict:
+    """``[B, 2, T]`` sides as ``[2B, T]`` rows: chosen rows first, then rejected."""
+    return {k: jnp.swapaxes(batch[k], 0, 1).reshape(-1, batch[k].shape[-1]) for k in _SIDES}
+
+
+def _pairs(x_R):
+    """``[2B]`` per-row values back as ``[B, 2]`` (chosen, rejected)."""
+    return x_R.reshape(2, -1).T
+
+
+def pair_logps(model, params, batch):
+    """``(sums [B, 2], counts [B, 2])``: each side's completion log-prob and token count."""
+    rows = _flat(batch)
+    logits = model.apply(
+        params, rows["tokens"], positions=rows["positions"], segment_ids=rows["segment_ids"]
+    )
+    sums = sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
+    return _pairs(sums), _pairs(rows["loss_mask"].sum(-1))
+
+
+def _dpo_loss(cfg: DPOConfig, model, params_of, reference):
+    """``loss(params, frozen, batch, rng)`` of a DPO-family run; ``reference(frozen, batch)``
+    gives the reference's summed log-probs ``[B, 2]`` (None: reference-free)."""
+    beta = cfg.beta_value
+
+    def loss(params, frozen, batch, rng):
+        sums, counts = pair_logps(model, params_of(params, frozen, rng), batch)
+        means = sums / jnp.maximum(counts, 1.0)
+        scored = means if cfg.loss in AVERAGED else sums
+        c, r = scored[:, 0], scored[:, 1]
+        if cfg.loss == "simpo":
+            value, m = simpo_loss(c, r, beta=beta, gamma=cfg.gamma)
+        elif cfg.loss == "orpo":
+            value, m = orpo_loss(c, r, -means[:, 0], lam=cfg.lam)
+        else:
+            ref = reference(frozen, batch)
+            if cfg.loss in AVERAGED:
+                ref = ref / jnp.maximum(counts, 1.0)
+            value, m = preference_loss(
+                c,
+                r,
+                ref[:, 0],
+                ref[:, 1],
+                loss_type=cfg.loss,
+                beta=beta,
+                label_smoothing=cfg.label_smoothing,
+            )
+        m["num_tokens"] = real_tokens(batch)
+        return value, m
+
+    return loss
+
+
+# --- the reference, computed once ------------------------------------------------------------------
+
+
+def compute_reference(model, params, axes, batches, cfg: _Tuned) -> np.ndarray:
+    """The summed completion log-probs ``[N, 2]`` of every pair ``batches`` yields, on the loop's
+    mesh (``cfg.loop.mesh``): each process passes the same batches and gets every value."""
+    mesh = mesh_lib.make_mesh(cfg.loop.mesh)
+    rules = mesh_lib.rules_for(mesh, cfg.loop.rules)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    placed = place(params, tree_shardings(axes, abstract, mesh, rules))
+    forward = jax.jit(lambda p, b: pair_logps(model, p, b)[0])
+    B, rows = cfg.data.batch_size, distributed.process_rows(cfg.data.batch_size)
+    out = []
+    with sharding.activation_rules(mesh, rules):
+        for batch in batches:
+            n = len(batch["tokens"])
+            # Every batch has the full size, so one compiled forward serves them all.
+            fill = np.concatenate([np.arange(n), np.full(B - n, n - 1)])
+            local = {k: batch[k][fill][rows] for k in _SIDES}
+            values = forward(placed, sharding.shard_batch(local, mesh))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                values = multihost_utils.process_allgather(values, tiled=True)
+            out.append(np.asarray(values)[:n])
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
+def cached_reference(cfg: DPOConfig, model, params, axes, data, out_dir, key: dict, log):
+    """``(train [N, 2], heldout [M, 2])`` reference log-probs, read from the run directory when
+    computed there before for the same ``key``, else computed and stored."""
+    path = Path(out_dir) / REFERENCE_FILE
+    stamp = json.dumps(key, sort_keys=True)
+    if path.is_file():
+        with np.load(path) as f:
+            if str(f["key"]) == stamp:
+                return f["train"], f["heldout"]
+        log(f"{path} was computed for another base or data; computing it again")
+    n, m = len(data.train_pairs), len(data.heldout)
+    log(f"reference log-probs: computing {n + m:,} pairs once")
+    B = cfg.data.batch_size
+    train_rows = (data.train_pairs.rows(np.arange(i, min(i + B, n))) for i in range(0, n, B))
+    train_ref = compute_reference(model, params, axes, train_rows, cfg)
+    held_ref = compute_reference(model, params, axes, data.heldout.batches(B), cfg)
+    if distributed.is_main_process():
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.asarray(stamp), train=train_ref, heldout=held_ref)
+        os.replace(tmp, path)  # a killed write never leaves a partial file under the real name
+    return train_ref, held_ref
+
+
+class WithReference:
+    """A batch iterator whose batches carry ``ref_logps`` ``[B, 2]``, looked up by
+    ``pair_index``; state and restore are the wrapped iterator's."""
+
+    def __init__(self, inner, ref: np.ndarray):
+        self.inner, self.ref = inner, ref
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return _attach(next(self.inner), self.ref)
+
+    def state(self):
+        return self.inner.state()
+
+    def restore(self, state):
+        self.inner.restore(state)
+
+    @property
+    def local_rows(self):
+        return self.inner.local_rows
+
+    @local_rows.setter
+    def local_rows(self, rows):
+        self.inner.local_rows = rows
+
+
+def _attach(batch, ref):
+    batch = dict(batch)
+    batch["ref_logps"] = ref[batch.pop("pair_index")].astype(np.float32)
+    return batch
+
+
+def _without_index(batches):
+    for b in batches:
+        yield {k: v for k, v in b.items() if k != "pair_index"}
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+
+def _identity(cfg: _Tuned, base, data, t, settings: dict) -> dict:
+    return {
+        "tokenizer_sha256": data.tokenizer.sha256,
+        "data_fingerprint": data.fingerprint,
+        "base": base.source["sha256"],
+        "trainable": t.identity,
+        "preference": settings,
+    }
+
+
+def _settings(cfg, names) -> dict:
+    return {k: getattr(cfg, k) for k in names}
+
+
+def dpo_task(cfg: DPOConfig, base, data, out_dir, log=print) -> Task:
+    """The DPO ``Task``; with ``reference="cached"`` the reference log-probs are computed here."""
+    from llmjax.inference.quantize import QuantizedModel
+
+    model = base.model
+    t = trainable(cfg, model, base.params)
+    frozen, frozen_axes = dict(t.frozen), dict(t.frozen_axes)
+    train_it = _Unindexed(data.train)
+    heldout = lambda b, n: _without_index(data.heldout.batches(b, n))  # noqa: E731
+    reference = None
+    if cfg.uses_reference and cfg.reference == "cached":
+        key = {
+            "base": base.source["sha256"],
+            "data_fingerprint": data.fingerprint,
+            "quantize_base": cfg.quantize_base if cfg.lora else "",
+            "quantize_keep": cfg.quantize_keep if cfg.quantize_base else "",
+        }
+        ref_model, ref_params = model, base.params
+        if cfg.lora is not None and cfg.quantize_base:  # the policy's own start: quantized base
+            ref_model, ref_params = QuantizedModel(model), frozen["base"]
+        ref_axes = None if cfg.quantize_base and cfg.lora else model.param_axes()
+        train_ref, held_ref = cached_reference(
+            cfg, ref_model, ref_params, ref_axes, data, out_dir, key, log
+        )
+        train_it = WithReference(data.train, train_ref)
+
+        def heldout(b, n):
+            return (_attach(x, held_ref) for x in data.heldout.batches(b, n))
+
+        def reference(frozen, batch):
+            return batch["ref_logps"]
+
+    elif cfg.uses_reference:
+        if cfg.lora is not None:  # the frozen base with the adapters off: no second copy
+            ref_model = QuantizedModel(model) if cfg.quantize_base else model
+
+            def reference(frozen, batch):
+                base_params = jax.lax.stop_gradient(frozen["base"])
+                return pair_logps(ref_model, base_params, batch)[0]
+
+        else:
+            # A copy: the policy's own arrays are donated to each step's update.
+            frozen["reference"] = jax.tree.map(jnp.copy, base.params)
+            frozen_axes["reference"] = model.param_axes()
+
+            def reference(frozen, batch):
+                ref_params = jax.lax.stop_gradient(frozen["reference"])
+                return pair_logps(model, ref_params, batch)[0]
+
+    settings = _settings(cfg, ("loss", "beta", "label_smoothing", "gamma", "lam", "reference"))
+    t.log_count(log)
+    return Task(
+        params=t.initial,
+        axes=t.axes,
+        loss=_dpo_loss(cfg, model, t.params_of, reference),
+        train=train_it,
+        heldout=heldout,
+        model=model.config,
+        frozen=frozen,
+        frozen_axes=frozen_axes,
+        identity=_identity(cfg, base, data, t, settings),
+        start_metrics=t.start_metrics,
+        eval_perplexity=False,
+    )
+
+
+class _Unindexed(WithReference):
+    """Batches without ``pair_index`` (nothing to look up)."""
+
+    def __init__(self, inner):
+        super().__init__(inner, None)
+
+    def __next__(self):
+        batch = dict(next(self.inner))
+        batch.pop("pair_index", None)
+        return batch
+
+
+def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
+    """The reward-model ``Task``: the decoder (or its adapters) and a scalar head train."""
+    model = base.model
+    t = trainable(cfg, model, base.params)
+    head = init_score_head(model, jax.random.PRNGKey(cfg.loop.seed))
+    decoder = t.initial
+    initial = (
+        (lambda key: {"decoder": decoder(key), "head": head})
+        if callable(decoder)
+        else {"decoder": decoder, "head": head}
+    )
+
+    def loss(params, frozen, batch, rng):
+        rows = _flat(batch)
+        scores = sequence_scores(
+            model,
+            t.params_of(params["decoder"], frozen, rng),
+            params["head"],
+            rows["tokens"],
+            positions=rows["positions"],
+            segment_ids=rows["segment_ids"],
+        )
+        pairs = _pairs(scores)
+        value, m = reward_model_loss(pairs[:, 0], pairs[:, 1], center_coef=cfg.center_coef)
+        m["num_tokens"] = real_tokens(batch)
+        return value, m
+
+    count = t.count + model.config.d_model
+    log(f"trainable parameters: {count:,} (a scalar head of {model.config.d_model} included)")
+    return Task(
+        params=initial,
+        axes={"decoder": t.axes, "head": score_axes(model)},
+        loss=loss,
+        train=_Unindexed(data.train),
+        heldout=lambda b, n: _without_index(data.heldout.batches(b, n)),
+        model=model.config,
+        frozen=t.frozen,
+        frozen_axes=t.frozen_axes,
+        identity={
+            **_identity(cfg, base, data, t, _settings(cfg, ("center_coef",))),
+            "head": "score",
+        },
+        start_metrics={"trainable_params": count, "fraction_trainable": count / t.total},
+        eval_perplexity=False,
+    )
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def prepare(cfg: _Tuned, out_dir, log=print):
+    """The base, the data and the completed config of a run (its ``model`` from the base)."""
+    base = load_base(cfg.base)
+    cfg = dataclasses.replace(cfg, model=base.model.config, base=base.source["path"])
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is beyond the base model's max_seq_len="
+            f"{cfg.model.max_seq_len}; lower --seq-len"
+        )
+    data = build_preference_data(cfg.data, base.tokenizer, cfg.model.vocab_size)
+    keep_copy(data.tokenizer, out_dir, cfg.name)
+    log(f"base: {base.source['kind']} {base.source['path']} ({base.model})")
+    log(f"data: {data.description}")
+    return cfg, base, data
+
+
+def run(cfg: DPOConfig | RewardConfig, out_dir, log=print) -> TrainResult:
+    """Train (or resume) a DPO-family policy or a reward model in ``out_dir``."""
+    if not llmjax.distributed.is_main_process():
+        log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for the job)
+    with rundir.hold(out_dir):
+        cfg, base, data = prepare(cfg, out_dir, log)
+        if isinstance(cfg, RewardConfig):
+            t = reward_task(cfg, base, data, log)
+        else:
+            t = dpo_task(cfg, base, data, absolute(out_dir), log)
+        result = train(cfg, t, out_dir, log=log)
+    for k, v in result.eval_metrics.items():
+        log(f"{k} {v:.4f}")
+    return result
