@@ -14,10 +14,29 @@ import pytest
 import llmjax
 from llmjax.cli import main
 from llmjax.errors import LlmjaxError
-from tests.bad_inputs import Api, Cli, Env, cli, data, distill, finetune, inference, interop
+from tests.bad_inputs import (
+    Api,
+    Cli,
+    Env,
+    cli,
+    data,
+    distill,
+    finetune,
+    inference,
+    interop,
+    preference,
+)
 from tests.train.helpers import REPO, corpus_paths
 
-CASES = cli.CASES + data.CASES + finetune.CASES + distill.CASES + interop.CASES + inference.CASES
+CASES = (
+    cli.CASES
+    + data.CASES
+    + finetune.CASES
+    + distill.CASES
+    + preference.CASES
+    + interop.CASES
+    + inference.CASES
+)
 
 
 @pytest.fixture(scope="module")
