@@ -41,6 +41,8 @@ def cmd_eval(args) -> int:
     from llmjax.train import evaluate, make_eval_step, next_token_loss
 
     run = load_run(args.ckpt)
+    if "preference" in run.meta.get("identity", {}) and not args.data:
+        return _eval_preference(run, args)
     records = "path" in run.meta["config"]["data"]  # fine-tuned, or distilled on records
     if ("base" in run.meta.get("identity", {}) or records) and not args.data:
         return _eval_finetuned(run, args)
@@ -91,4 +93,14 @@ def _eval_finetuned(run, args) -> int:
         f"token accuracy {result.metrics.get('mean_token_accuracy', float('nan')):.3f} over "
         f"{result.sequences} held-out rows ({result.tokens} completion tokens){em}"
     )
+    return 0
+
+
+def _eval_preference(run, args) -> int:
+    """A DPO-family or reward run on its own held-out pairs, as its last evaluation scored them."""
+    from llmjax.recipes.preference import evaluate_run
+
+    m = evaluate_run(run, args.batch_size, args.max_batches)
+    shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in m.items() if k != "pairs")
+    print(f"{run.step_dir}: {shown} over {m['pairs']} held-out pairs")
     return 0

@@ -484,3 +484,51 @@ def run(cfg: DPOConfig | RewardConfig, out_dir, log=print) -> TrainResult:
     for k, v in result.eval_metrics.items():
         log(f"{k} {v:.4f}")
     return result
+
+
+def evaluate_run(run, batch_size: int, max_batches: int | None = None) -> dict:
+    """A finished DPO or reward run (``llmjax.runs.load_run``) on its own held-out pairs: the
+    metrics of its last evaluation, the reference read again from the base's files."""
+    from llmjax.train import evaluate, make_eval_step
+
+    cfg = run.meta["config"]
+    saved = {**cfg["data"], "batch_size": batch_size, "strict": False}
+    data = build_preference_data(
+        PreferenceDataConfig(**saved), run.tokenizer, run.model.config.vocab_size
+    )
+    model = run.model
+    frozen = {}
+    if run.head is not None:
+        rm = RewardConfig(center_coef=cfg.get("center_coef", 0.0))
+
+        def loss(params, frozen, batch, rng):
+            rows = _flat(batch)
+            scores = sequence_scores(
+                model,
+                params,
+                frozen["head"],
+                rows["tokens"],
+                positions=rows["positions"],
+                segment_ids=rows["segment_ids"],
+            )
+            pairs = _pairs(scores)
+            return reward_model_loss(pairs[:, 0], pairs[:, 1], center_coef=rm.center_coef)
+
+        frozen["head"] = run.head
+    else:
+        names = ("loss", "beta", "label_smoothing", "gamma", "lam")
+        dpo = DPOConfig(**{k: cfg[k] for k in names})
+        if dpo.uses_reference:
+            # LoRA runs keep their base as trained; the others read it again.
+            frozen["reference"] = (
+                run.base_params if run.base_params is not None else load_base(cfg["base"]).params
+            )
+
+        def reference(frozen, batch):
+            return pair_logps(model, frozen["reference"], batch)[0]
+
+        loss = _dpo_loss(dpo, model, lambda p, f, r=None: p, reference)
+    step = jax.jit(make_eval_step(loss))
+    batches = _without_index(data.heldout.batches(batch_size, max_batches))
+    result = evaluate(step, run.params, batches, frozen=frozen)
+    return {"eval_loss": result.loss, "pairs": result.sequences, **result.metrics}

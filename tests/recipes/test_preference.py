@@ -107,6 +107,15 @@ def test_rewards_are_measured_against_the_untouched_base(online, base, pairs):
     assert set(load_run(online).meta["identity"]) >= {"base", "preference"}
 
 
+def test_eval_scores_a_dpo_run_on_its_held_out_pairs(cached, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(cached)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    logged = evals(cached)[4]
+    assert f"rewards/margins {logged['eval_rewards/margins']:.4f}" in line
+    assert f"loss {logged['eval_loss']:.4f}" in line and "held-out pairs" in line
+
+
 def test_resume_is_bit_exact_and_reads_the_cached_reference(cached, base, pairs, tmp_path, capsys):
     out = tmp_path / "resumed"
     assert run("dpo", base, pairs, out, "--steps", "2") == 0
@@ -180,6 +189,8 @@ def test_reward_model_scores_as_it_logged(base, pairs, tmp_path, capsys):
     assert "params/head/score" in params and "params/decoder/embed" in params
     assert not [k for k in params if "lm_head" in k]
     capsys.readouterr()
+    assert main(["eval", "--ckpt", str(out)]) == 0
+    assert f"accuracy {logged['eval_accuracy']:.4f}" in capsys.readouterr().out
     # Resuming with other preference settings is refused, naming the change.
     assert run("reward", base, pairs, out, "--steps", "6", "--center-coef", "0.1") == 2
     assert "center_coef was 0.0, now 0.1" in capsys.readouterr().err
