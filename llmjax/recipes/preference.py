@@ -7,7 +7,7 @@ losses of ``llmjax.losses`` become a ``Task`` for the shared loop.
 
 DPO (``DPOConfig``, ``llmjax dpo``). The policy starts as the base; the reference is the base as
 it was. Its log-probs are either computed once before training, stored beside the checkpoints
-(``reference_logps.npz``) and read with each batch, so no reference model is in memory while
+(``reference_logps.npz``, see ``llmjax.recipes.pairs``) and read with each batch, so no reference model is in memory while
 training (``reference="cached"``, the default), or computed in every step
 (``reference="online"``): with LoRA from the frozen base with the adapters off (no second copy);
 with full fine-tuning from a frozen copy of the base. SimPO and ORPO use no reference: none is
@@ -23,17 +23,12 @@ full fine-tuning by default (a reward model never reads it).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import llmjax
-from llmjax import distributed, sharding
 from llmjax.checkpoint.manager import absolute
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.data.hf_tokenizer import keep_copy
@@ -45,23 +40,28 @@ from llmjax.losses import (
     preference_loss,
     real_tokens,
     reward_model_loss,
-    sequence_logprobs,
     simpo_loss,
+)
+from llmjax.recipes.pairs import (
+    Unindexed,
+    WithReference,
+    as_pairs,
+    attach,
+    cached_reference,
+    flat,
+    pair_logps,
+    without_index,
 )
 from llmjax.recipes.sft import QUANTIZE_MODES, load_base, trainable
 from llmjax.scalar_head import init_score_head, score_axes, sequence_scores
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
-from llmjax.train import mesh as mesh_lib
-from llmjax.train.task import place, tree_shardings
 
 LOSSES = (*PREFERENCE_LOSSES, "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "simpo", "orpo")  # losses on mean token log-probs
 REFERENCES = ("cached", "online")
-REFERENCE_FILE = "reference_logps.npz"
 # A reward model never reads the output head: full fine-tuning leaves it out by default.
 WITHOUT_LM_HEAD = r"(?!lm_head\b).*"
-_SIDES = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
 @dataclass(frozen=True)
@@ -162,29 +162,6 @@ class RewardConfig(_Tuned):
             raise ConfigError(f"center_coef={self.center_coef}: must be >= 0 (0: off)")
 
 
-# --- log-probs of pairs ----------------------------------------------------------------------------
-
-
-def _flat(batch) -> dict:
-    """``[B, 2, T]`` sides as ``[2B, T]`` rows: chosen rows first, then rejected."""
-    return {k: jnp.swapaxes(batch[k], 0, 1).reshape(-1, batch[k].shape[-1]) for k in _SIDES}
-
-
-def _pairs(x_R):
-    """``[2B]`` per-row values back as ``[B, 2]`` (chosen, rejected)."""
-    return x_R.reshape(2, -1).T
-
-
-def pair_logps(model, params, batch):
-    """``(sums [B, 2], counts [B, 2])``: each side's completion log-prob and token count."""
-    rows = _flat(batch)
-    logits = model.apply(
-        params, rows["tokens"], positions=rows["positions"], segment_ids=rows["segment_ids"]
-    )
-    sums = sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
-    return _pairs(sums), _pairs(rows["loss_mask"].sum(-1))
-
-
 def _dpo_loss(cfg: DPOConfig, model, params_of, reference):
     """``loss(params, frozen, batch, rng)`` of a DPO-family run; ``reference(frozen, batch)``
     gives the reference's summed log-probs ``[B, 2]`` (None: reference-free)."""
@@ -218,97 +195,6 @@ def _dpo_loss(cfg: DPOConfig, model, params_of, reference):
     return loss
 
 
-# --- the reference, computed once ------------------------------------------------------------------
-
-
-def compute_reference(model, params, axes, batches, cfg: _Tuned) -> np.ndarray:
-    """The summed completion log-probs ``[N, 2]`` of every pair ``batches`` yields, on the loop's
-    mesh (``cfg.loop.mesh``): each process passes the same batches and gets every value."""
-    mesh = mesh_lib.make_mesh(cfg.loop.mesh)
-    rules = mesh_lib.rules_for(mesh, cfg.loop.rules)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    placed = place(params, tree_shardings(axes, abstract, mesh, rules))
-    forward = jax.jit(lambda p, b: pair_logps(model, p, b)[0])
-    B, rows = cfg.data.batch_size, distributed.process_rows(cfg.data.batch_size)
-    out = []
-    with sharding.activation_rules(mesh, rules):
-        for batch in batches:
-            n = len(batch["tokens"])
-            # Every batch has the full size, so one compiled forward serves them all.
-            fill = np.concatenate([np.arange(n), np.full(B - n, n - 1)])
-            local = {k: batch[k][fill][rows] for k in _SIDES}
-            values = forward(placed, sharding.shard_batch(local, mesh))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                values = multihost_utils.process_allgather(values, tiled=True)
-            out.append(np.asarray(values)[:n])
-    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
-
-
-def cached_reference(cfg: DPOConfig, model, params, axes, data, out_dir, key: dict, log):
-    """``(train [N, 2], heldout [M, 2])`` reference log-probs, read from the run directory when
-    computed there before for the same ``key``, else computed and stored."""
-    path = Path(out_dir) / REFERENCE_FILE
-    stamp = json.dumps(key, sort_keys=True)
-    if path.is_file():
-        with np.load(path) as f:
-            if str(f["key"]) == stamp:
-                return f["train"], f["heldout"]
-        log(f"{path} was computed for another base or data; computing it again")
-    n, m = len(data.train_pairs), len(data.heldout)
-    log(f"reference log-probs: computing {n + m:,} pairs once")
-    B = cfg.data.batch_size
-    train_rows = (data.train_pairs.rows(np.arange(i, min(i + B, n))) for i in range(0, n, B))
-    train_ref = compute_reference(model, params, axes, train_rows, cfg)
-    held_ref = compute_reference(model, params, axes, data.heldout.batches(B), cfg)
-    if distributed.is_main_process():
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.asarray(stamp), train=train_ref, heldout=held_ref)
-        os.replace(tmp, path)  # a killed write never leaves a partial file under the real name
-    return train_ref, held_ref
-
-
-class WithReference:
-    """A batch iterator whose batches carry ``ref_logps`` ``[B, 2]``, looked up by
-    ``pair_index``; state and restore are the wrapped iterator's."""
-
-    def __init__(self, inner, ref: np.ndarray):
-        self.inner, self.ref = inner, ref
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return _attach(next(self.inner), self.ref)
-
-    def state(self):
-        return self.inner.state()
-
-    def restore(self, state):
-        self.inner.restore(state)
-
-    @property
-    def local_rows(self):
-        return self.inner.local_rows
-
-    @local_rows.setter
-    def local_rows(self, rows):
-        self.inner.local_rows = rows
-
-
-def _attach(batch, ref):
-    batch = dict(batch)
-    batch["ref_logps"] = ref[batch.pop("pair_index")].astype(np.float32)
-    return batch
-
-
-def _without_index(batches):
-    for b in batches:
-        yield {k: v for k, v in b.items() if k != "pair_index"}
-
-
 # --- tasks -----------------------------------------------------------------------------------------
 
 
@@ -333,8 +219,8 @@ def dpo_task(cfg: DPOConfig, base, data, out_dir, log=print) -> Task:
     model = base.model
     t = trainable(cfg, model, base.params)
     frozen, frozen_axes = dict(t.frozen), dict(t.frozen_axes)
-    train_it = _Unindexed(data.train)
-    heldout = lambda b, n: _without_index(data.heldout.batches(b, n))  # noqa: E731
+    train_it = Unindexed(data.train)
+    heldout = lambda b, n: without_index(data.heldout.batches(b, n))  # noqa: E731
     reference = None
     if cfg.uses_reference and cfg.reference == "cached":
         key = {
@@ -353,7 +239,7 @@ def dpo_task(cfg: DPOConfig, base, data, out_dir, log=print) -> Task:
         train_it = WithReference(data.train, train_ref)
 
         def heldout(b, n):
-            return (_attach(x, held_ref) for x in data.heldout.batches(b, n))
+            return (attach(x, held_ref) for x in data.heldout.batches(b, n))
 
         def reference(frozen, batch):
             return batch["ref_logps"]
@@ -392,18 +278,6 @@ def dpo_task(cfg: DPOConfig, base, data, out_dir, log=print) -> Task:
     )
 
 
-class _Unindexed(WithReference):
-    """Batches without ``pair_index`` (nothing to look up)."""
-
-    def __init__(self, inner):
-        super().__init__(inner, None)
-
-    def __next__(self):
-        batch = dict(next(self.inner))
-        batch.pop("pair_index", None)
-        return batch
-
-
 def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
     """The reward-model ``Task``: the decoder (or its adapters) and a scalar head train."""
     model = base.model
@@ -417,7 +291,7 @@ def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
     )
 
     def loss(params, frozen, batch, rng):
-        rows = _flat(batch)
+        rows = flat(batch)
         scores = sequence_scores(
             model,
             t.params_of(params["decoder"], frozen, rng),
@@ -426,7 +300,7 @@ def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
             positions=rows["positions"],
             segment_ids=rows["segment_ids"],
         )
-        pairs = _pairs(scores)
+        pairs = as_pairs(scores)
         value, m = reward_model_loss(pairs[:, 0], pairs[:, 1], center_coef=cfg.center_coef)
         m["num_tokens"] = real_tokens(batch)
         return value, m
@@ -437,8 +311,8 @@ def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
         params=initial,
         axes={"decoder": t.axes, "head": score_axes(model)},
         loss=loss,
-        train=_Unindexed(data.train),
-        heldout=lambda b, n: _without_index(data.heldout.batches(b, n)),
+        train=Unindexed(data.train),
+        heldout=lambda b, n: without_index(data.heldout.batches(b, n)),
         model=model.config,
         frozen=t.frozen,
         frozen_axes=t.frozen_axes,
@@ -502,7 +376,7 @@ def evaluate_run(run, batch_size: int, max_batches: int | None = None) -> dict:
         rm = RewardConfig(center_coef=cfg.get("center_coef", 0.0))
 
         def loss(params, frozen, batch, rng):
-            rows = _flat(batch)
+            rows = flat(batch)
             scores = sequence_scores(
                 model,
                 params,
@@ -511,7 +385,7 @@ def evaluate_run(run, batch_size: int, max_batches: int | None = None) -> dict:
                 positions=rows["positions"],
                 segment_ids=rows["segment_ids"],
             )
-            pairs = _pairs(scores)
+            pairs = as_pairs(scores)
             return reward_model_loss(pairs[:, 0], pairs[:, 1], center_coef=rm.center_coef)
 
         frozen["head"] = run.head
@@ -529,6 +403,6 @@ def evaluate_run(run, batch_size: int, max_batches: int | None = None) -> dict:
 
         loss = _dpo_loss(dpo, model, lambda p, f, r=None: p, reference)
     step = jax.jit(make_eval_step(loss))
-    batches = _without_index(data.heldout.batches(batch_size, max_batches))
+    batches = without_index(data.heldout.batches(batch_size, max_batches))
     result = evaluate(step, run.params, batches, frozen=frozen)
     return {"eval_loss": result.loss, "pairs": result.sequences, **result.metrics}

@@ -14,7 +14,7 @@ import pytest
 import llmjax
 from llmjax.cli import main
 from llmjax.data.preference import PreferenceDataConfig, build_preference_data
-from llmjax.recipes.preference import REFERENCE_FILE, pair_logps
+from llmjax.recipes.pairs import REFERENCE_FILE, pair_logps
 from llmjax.runs import load_run
 from llmjax.scalar_head import sequence_scores
 from llmjax.train.metrics import read_metrics
