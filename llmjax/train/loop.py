@@ -189,8 +189,9 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
     batch_size = config.data.batch_size
     mesh = mesh_lib.make_mesh(loop.mesh)
     mesh_lib.check_batch(batch_size, mesh, loop.grad_accum)
-    tx = make_optimizer(config.optim, loop.steps)
-    schedule = lr_schedule(config.optim, loop.steps)
+    updates = loop.steps * task.updates_per_batch  # the schedule counts optimizer updates
+    tx = make_optimizer(config.optim, updates)
+    schedule = lr_schedule(config.optim, updates)
     rules = mesh_lib.rules_for(mesh, loop.rules)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -234,7 +235,7 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
             log(f"resumed from {ckpt_dir / str(start)} (step {start})")
 
     step_fn = jax.jit(
-        make_train_step(task.loss, tx, schedule, loop.grad_accum),
+        make_train_step(task.loss, tx, schedule, loop.grad_accum, task.updates_per_batch),
         in_shardings=(shardings, frozen_sh, batch_sh),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
@@ -255,6 +256,8 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
         }
 
     task.train.local_rows = distributed.process_rows(batch_size)
+    # Its own stream: the step's key (state["rng"]) must not depend on whether rollouts ran.
+    rollout_key = jax.random.fold_in(jax.random.PRNGKey(loop.seed), 0x5A5)
 
     def run_eval(state) -> dict:
         result = evaluate(
@@ -300,8 +303,12 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
             for step in range(start + 1, loop.steps + 1):
                 t0 = time.perf_counter()
                 batch = sharding.shard_batch(next(task.train), mesh)
+                rolled = {}
+                if task.rollout is not None:
+                    key = jax.random.fold_in(rollout_key, step)
+                    batch, rolled = task.rollout(state["params"], frozen, batch, key)
                 state, m = step_fn(state, frozen, batch)
-                m = jax.device_get(m)
+                m = {**jax.device_get(m), **rolled}
                 loss = float(m["loss"])
                 step_time += time.perf_counter() - t0
                 steps_since_log += 1

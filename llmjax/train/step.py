@@ -78,21 +78,47 @@ def accumulate(loss_fn: LossFn, params, frozen, batch, rng, grad_accum: int):
     return loss_w / total, aux, grads
 
 
-def make_train_step(loss_fn: LossFn, tx, schedule=None, grad_accum: int = 1):
-    """``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``."""
+def make_train_step(loss_fn: LossFn, tx, schedule=None, grad_accum: int = 1, updates: int = 1):
+    """``step(state, frozen, batch) -> (state, metrics)``; jit it with ``donate_argnums=0``.
+
+    ``updates`` > 1 applies that many optimizer updates to the same batch, each from the
+    parameters the previous one left (GRPO's ``num_iterations``: the clipped ratio then moves
+    away from 1); metrics are their means, ``learning_rate`` the last update's.
+    """
+
+    def update(params, opt_state, count, frozen, batch, rng):
+        loss, aux, grads = accumulate(loss_fn, params, frozen, batch, rng, grad_accum)
+        deltas, opt_state = tx.update(grads, opt_state, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(count)
+        return optax.apply_updates(params, deltas), opt_state, metrics
 
     def step(state, frozen, batch):
         rng, step_rng = jax.random.split(state["rng"])
-        params = state["params"]
-        loss, aux, grads = accumulate(loss_fn, params, frozen, batch, step_rng, grad_accum)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state["step"])
+        params, opt_state = state["params"], state["opt_state"]
+        if updates == 1:
+            params, opt_state, metrics = update(
+                params, opt_state, state["step"], frozen, batch, step_rng
+            )
+        else:
+
+            def body(carry, i):
+                params, opt_state = carry
+                key = jax.random.fold_in(step_rng, i)
+                params, opt_state, m = update(
+                    params, opt_state, state["step"] * updates + i, frozen, batch, key
+                )
+                return (params, opt_state), m
+
+            (params, opt_state), ms = jax.lax.scan(body, (params, opt_state), jnp.arange(updates))
+            metrics = {
+                k: v[-1] if k == "learning_rate" else (v.sum() if k in SUMMED else v.mean())
+                for k, v in ms.items()
+            }
         new_state = {
             "step": state["step"] + 1,
-            "params": new_params,
+            "params": params,
             "opt_state": opt_state,
             "rng": rng,
         }

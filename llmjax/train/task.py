@@ -16,7 +16,13 @@ The loop knows nothing of pretraining, fine-tuning or adapters. A recipe gives i
   resume; ``model`` the model config whose differences are named when they disagree;
   ``start_metrics``: numbers logged once at step 0 (trainable parameter counts, ...);
 - ``eval_perplexity``: False when the loss is not a next-token NLL (preference losses), so no
-  perplexity is derived from it.
+  perplexity is derived from it;
+- ``rollout(params, frozen, batch, key) -> (batch, metrics)``: run on the host before each step
+  with the current (sharded) parameters, it turns the data's batch into the step's batch, e.g.
+  sampling completions and scoring them with Python reward functions (RL). ``key`` is a function
+  of the seed and the step only, so a resumed run samples what the interrupted one would have;
+- ``updates_per_batch``: optimizer updates per step on the same batch (GRPO's
+  ``num_iterations``); the learning-rate schedule counts updates.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class Task:
     identity: dict = field(default_factory=dict)
     start_metrics: dict = field(default_factory=dict)  # logged at step 0 of a fresh run
     eval_perplexity: bool = True
+    rollout: Callable | None = None
+    updates_per_batch: int = 1
 
 
 def tree_shardings(axes, abstract, mesh, rules):
