@@ -63,6 +63,14 @@ def load_tokenizer(path):
     return _load_tokenizer(path)
 
 
+def load_reward_model(path):
+    """A reward model (decoder, scalar head, tokenizer) from a ``llmjax reward`` run or a Hugging
+    Face ``...ForSequenceClassification`` directory; see ``llmjax.inference.RewardModel``."""
+    from llmjax.inference.reward import load_reward_model as _load_reward_model
+
+    return _load_reward_model(path)
+
+
 def from_hf(path, **kwargs):
     """Load a local Hugging Face model directory: returns ``(model, params)``."""
     from llmjax.interop.hf import from_hf as _from_hf
@@ -88,6 +96,7 @@ __all__ = [
     "from_hf",
     "generate",
     "load",
+    "load_reward_model",
     "load_tokenizer",
     "to_hf",
 ]

@@ -154,7 +154,25 @@ def cmd_export(args) -> int:
             f"--out {args.out} is the run's own directory; export to a directory of its own, "
             f"e.g. --out {args.ckpt.rstrip('/')}-hf"
         )
-    if run.lora is not None and not args.merge:
+    if run.head is not None:
+        # A PEFT directory has no place for the head: a reward model is written whole.
+        from llmjax.inference.reward import pad_id_for_export
+        from llmjax.interop.hf_score import to_hf_scorer
+
+        pad = pad_id_for_export(run.tokenizer, run.model.config.vocab_size)
+        if pad == run.tokenizer.eos_id:
+            print(
+                f"note: {args.out} pads with eos ({pad}), the tokenizer having no other id to "
+                "spare; transformers then scores a sequence that ends in eos at the token before",
+                file=sys.stderr,
+            )
+        to_hf_scorer(run.model, run.params, run.head, out, pad_token_id=pad)
+        merged = ", adapters merged" if run.lora is not None else ""
+        what = (
+            f"a Hugging Face reward model (...ForSequenceClassification{merged}; pad batches "
+            f"with id {pad})"
+        )
+    elif run.lora is not None and not args.merge:
         from llmjax.interop.peft import to_peft
 
         base = run.meta["config"]["base"]
@@ -289,10 +307,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pretrain(sub)
     from llmjax.cli_distill import add_parser as _add_distill
+    from llmjax.cli_preference import add_parser as _add_preference
+    from llmjax.cli_rl import add_parser as _add_rl
     from llmjax.cli_sft import add_parser as _add_sft
 
     _add_sft(sub)
     _add_distill(sub)
+    _add_preference(sub)
+    _add_rl(sub)
 
     ev = sub.add_parser(
         "eval",

@@ -4,6 +4,7 @@
     llmjax generate --hf DIR --prompt-ids 1,5,9 --max-new-tokens 20          # no tokenizer needed
     llmjax generate --hf DIR --prompt "x" --draft SMALL_DIR --quantize int8   # speculative, int8
     llmjax generate --ckpt runs/sft --chat --prompt "What is two plus two?"     # chat template
+    llmjax generate --ckpt runs/sft --prompt "x" --best-of 8 --reward-model runs/rm  # best of 8
 
 A Hugging Face directory's tokenizer is its ``tokenizer.json`` or ``tokenizer.model`` (what
 ``llmjax export`` writes); without one, give the prompt as ids with ``--prompt-ids``.
@@ -95,6 +96,20 @@ def parser() -> argparse.ArgumentParser:
         help="draft tokens per verification (default: %(default)s)",
     )
     p.add_argument(
+        "--best-of",
+        type=int,
+        metavar="N",
+        help="draw N samples and print the one rated highest, with its score (default: off, one "
+        "streamed sample)",
+    )
+    p.add_argument(
+        "--reward-model",
+        metavar="DIR",
+        help="rates the --best-of samples: a run trained with `llmjax reward` or a Hugging Face "
+        "...ForSequenceClassification directory, with the generating model's tokenizer "
+        "(default: none, the mean log-probability rates them)",
+    )
+    p.add_argument(
         "--quantize", choices=("int8", "int4"), help="weight-only quantization (default: none)"
     )
     p.add_argument(
@@ -118,6 +133,7 @@ _WHAT = {
     "ckpt": "a training run (e.g. runs/pretrain) or one of its step directories",
     "hf": "a local Hugging Face model directory",
     "draft": "a run or Hugging Face directory of a draft model",
+    "reward_model": "a reward run or a Hugging Face ...ForSequenceClassification directory",
 }
 
 
@@ -135,6 +151,29 @@ def check_args(args) -> None:
         num_draft=args.num_draft,
     )
     validate.integer("group_size", args.group_size, flags=True)
+    validate.integer("best_of", args.best_of, flags=True, none_is="one streamed sample")
+    if args.reward_model is not None and args.best_of is None:
+        validate.fail(
+            "reward_model",
+            args.reward_model,
+            "it rates the samples of --best-of; add --best-of N",
+            True,
+        )
+    if args.best_of is not None and args.draft:
+        validate.fail(
+            "best_of",
+            args.best_of,
+            "best-of-N samples without speculative decoding; drop --draft or --best-of",
+            True,
+        )
+    if args.best_of is not None and args.best_of > 1 and args.temperature == 0:
+        validate.fail(
+            "temperature",
+            args.temperature,
+            f"greedy decoding draws the same sample all {args.best_of} times; give a "
+            "temperature > 0 for --best-of",
+            True,
+        )
     if args.draft and args.repetition_penalty is not None:
         validate.fail(
             "repetition_penalty",
@@ -142,7 +181,7 @@ def check_args(args) -> None:
             "speculative decoding (--draft) takes no history penalty; drop one of them",
             True,
         )
-    for flag in ("ckpt", "hf", "draft"):
+    for flag in ("ckpt", "hf", "draft", "reward_model"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
             validate.fail(flag, path, f"no such file or directory; give {_WHAT[flag]}", True)
@@ -167,7 +206,13 @@ def check_args(args) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     check_args(args)
-    from llmjax.inference import QuantizedModel, generate, quantize, speculative_generate
+    from llmjax.inference import (
+        QuantizedModel,
+        best_of_n,
+        generate,
+        quantize,
+        speculative_generate,
+    )
 
     kind, path = ("ckpt", args.ckpt) if args.ckpt else ("hf", args.hf)
     model, params, tok = load(path, kind)
@@ -207,9 +252,21 @@ def main(argv=None) -> int:
         stop_tokens=stops,
         seed=args.seed,
     )
+    reward = _reward_model(args, kind, path, tok) if args.reward_model else None
     if args.prompt is not None and not args.chat:
         sys.stdout.write(args.prompt)
     sys.stdout.flush()
+
+    if args.best_of is not None:
+        best = best_of_n(
+            model, params, prompt, args.best_of, reward_model=reward,
+            repetition_penalty=args.repetition_penalty, **sampling,
+        )  # fmt: skip
+        tokens = best.tokens
+        sys.stdout.write(tok.decode(tokens) if tok and args.prompt is not None else _show(tokens))
+        by = f"the reward model {args.reward_model}" if reward else "mean log-probability"
+        print(f"\n[best of {args.best_of} by {by}: {best.score:.4f}]")
+        return 0
 
     if args.draft:
         draft, draft_params, _ = load(args.draft, _source(args.draft))
@@ -242,6 +299,34 @@ def main(argv=None) -> int:
     )  # fmt: skip
     print()
     return 0
+
+
+def _reward_model(args, kind: str, path: str, tok):
+    """The ``--reward-model``, refused unless its tokenizer is the generating model's: its scores
+    mean nothing for ids from another vocabulary."""
+    from llmjax.inference import load_reward_model
+
+    reward = load_reward_model(args.reward_model)
+    theirs = reward.tokenizer
+    if tok is None or theirs is None:
+        missing = f"--{kind} {path}" if tok is None else f"--reward-model {args.reward_model}"
+        validate.fail(
+            "reward_model",
+            args.reward_model,
+            f"{missing} has no tokenizer, so the two cannot be checked to share one; put the "
+            "tokenizer.json or tokenizer.model both were trained with into that directory",
+            True,
+        )
+    if theirs.sha256 != tok.sha256:
+        validate.fail(
+            "reward_model",
+            args.reward_model,
+            f"its tokenizer (sha256 {theirs.sha256[:12]}) is not the one of --{kind} {path} "
+            f"(sha256 {tok.sha256[:12]}); give a reward model trained from this model's "
+            f"tokenizer, e.g. llmjax reward --base {path} --data pairs.jsonl --out DIR",
+            True,
+        )
+    return reward
 
 
 def _show(tokens: list[int]) -> str:

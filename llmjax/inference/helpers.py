@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.errors import InputError
 from llmjax.inference import validate
 from llmjax.inference.sampler import GenerationResult, generate
 
@@ -33,21 +34,66 @@ def best_of_n(
     prompt: Sequence[int],
     n: int,
     *,
-    score: Callable[[list[int], list[float]], float] = mean_logprob,
+    score: Callable[[list[int], list[float]], float] | None = None,
+    reward_model=None,
     temperature: float = 1.0,
     **sampling,
 ) -> BestOfN:
-    """Draw ``n`` samples of one prompt in a single batch; keep the one ``score`` rates highest.
+    """Draw ``n`` samples of one prompt in a single batch; keep the one rated highest.
 
     ``score(tokens, logprobs)`` sees each sample's tokens and the model's log-probabilities of
-    them (e.g. a reward model, a verifier, or the default mean log-probability).
+    them (a verifier, or by default the mean log-probability). A ``reward_model``
+    (``llmjax.inference.RewardModel``) instead scores all samples in one call, each as prompt +
+    sample; a sample that ended on a stop token keeps it, as the completions reward models are
+    trained on end with eos. Give ``score`` or ``reward_model``, not both.
     """
+    if reward_model is not None and score is not None:
+        raise InputError(
+            "best_of_n takes score or reward_model, not both; drop score= to rate the samples "
+            "by the reward model, or call the reward model inside your score function"
+        )
+    if reward_model is not None and not callable(getattr(reward_model, "score", None)):
+        raise InputError(
+            f"reward_model must be a RewardModel, got a {type(reward_model).__name__}; load one "
+            "with llmjax.load_reward_model(path)"
+        )
     prompt = validate.one_prompt(prompt, model.config.vocab_size)
     validate.settings(n=n)
-    out = generate(model, params, [prompt] * n, temperature=temperature, **sampling)
-    scores = [float(score(t, lp)) for t, lp in zip(out.tokens, out.logprobs, strict=True)]
+    if reward_model is None:
+        out = generate(model, params, [prompt] * n, temperature=temperature, **sampling)
+        score = score or mean_logprob
+        scores = [float(score(t, lp)) for t, lp in zip(out.tokens, out.logprobs, strict=True)]
+    else:
+        out, ends = _generate_with_stops(model, params, [prompt] * n, temperature, sampling)
+        sequences = [prompt + t + end for t, end in zip(out.tokens, ends, strict=True)]
+        scores = [float(s) for s in reward_model.score(sequences)]
     best = int(np.argmax(scores))
     return BestOfN(out.tokens[best], scores[best], scores, out)
+
+
+def _generate_with_stops(model, params, prompts, temperature, sampling):
+    """``generate``'s result and, per sample, ``[the stop token that ended it]`` or ``[]``.
+
+    ``GenerationResult`` leaves the stop token out; with a single stop id it is known, otherwise
+    the step callback sees it as the token a row drew when it finished.
+    """
+    given = sampling.get("stop_tokens")
+    stops = set(validate.token_ids("stop_tokens", () if given is None else given, None))
+    if len(stops) <= 1:
+        out = generate(model, params, prompts, temperature=temperature, **sampling)
+        return out, [[min(stops)] if s else [] for s in out.stopped]
+    sampling = dict(sampling)
+    theirs = sampling.pop("callback", None)
+    ended: dict[int, int] = {}
+
+    def record(step, tokens, emitted):
+        for b in np.flatnonzero(~np.asarray(emitted)):
+            ended.setdefault(int(b), int(tokens[b]))
+        if theirs is not None:
+            theirs(step, tokens, emitted)
+
+    out = generate(model, params, prompts, temperature=temperature, callback=record, **sampling)
+    return out, [[ended[b]] if s else [] for b, s in enumerate(out.stopped)]
 
 
 @dataclasses.dataclass(frozen=True)

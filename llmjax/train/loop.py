@@ -105,6 +105,8 @@ _IDENTITY_FIXES = {
     "same settings to resume",
     "preference": "were trained with other preference settings ({diff}); use a new --out, or the "
     "same settings to resume",
+    "rl": "were trained with other RL settings ({diff}); use a new --out, or the same settings "
+    "to resume",
     "head": "are of another kind of run (a reward model's scalar head, or none); use a new --out",
 }
 
@@ -260,17 +262,19 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
     rollout_key = jax.random.fold_in(jax.random.PRNGKey(loop.seed), 0x5A5)
 
     def run_eval(state) -> dict:
-        result = evaluate(
-            eval_fn,
-            state["params"],
-            task.heldout(batch_size, loop.eval_batches),
-            frozen=frozen,
-            place=place_batch,
-        )
-        metrics = {"eval_loss": result.loss}
-        if task.eval_perplexity:
-            metrics["perplexity"] = math.exp(min(result.loss, 700.0))
-        metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "nll"})
+        metrics = {}
+        if task.heldout is not None:  # RL has no held-out loss, only task.evaluate's metrics
+            result = evaluate(
+                eval_fn,
+                state["params"],
+                task.heldout(batch_size, loop.eval_batches),
+                frozen=frozen,
+                place=place_batch,
+            )
+            metrics["eval_loss"] = result.loss
+            if task.eval_perplexity:
+                metrics["perplexity"] = math.exp(min(result.loss, 700.0))
+            metrics.update({f"eval_{k}": v for k, v in result.metrics.items() if k != "nll"})
         if task.evaluate is not None:
             metrics.update(task.evaluate(state["params"], frozen))
         return metrics
@@ -306,7 +310,7 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
                 rolled = {}
                 if task.rollout is not None:
                     key = jax.random.fold_in(rollout_key, step)
-                    batch, rolled = task.rollout(state["params"], frozen, batch, key)
+                    batch, rolled = task.rollout(state["params"], frozen, batch, key, step)
                 state, m = step_fn(state, frozen, batch)
                 m = {**jax.device_get(m), **rolled}
                 loss = float(m["loss"])
@@ -333,20 +337,22 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
                 result.losses[step] = loss
                 result.step, result.state = step, state
 
-                eval_loss = None
+                eval_loss, evaluated = None, False
                 last = step == loop.steps
                 if last or (loop.eval_every and step % loop.eval_every == 0):
-                    evals = run_eval(state)
-                    eval_loss = result.eval_loss = evals["eval_loss"]
+                    evals, evaluated = run_eval(state), True
+                    eval_loss = result.eval_loss = evals.get("eval_loss")
                     result.eval_metrics = evals
                     metrics.write(step, evals)
-                    extra = "".join(
-                        f", {k.removeprefix('eval_')} {v:.4g}"
+                    shown = [] if eval_loss is None else [f"eval loss {eval_loss:.4f}"]
+                    if "perplexity" in evals:
+                        shown.append(f"perplexity {evals['perplexity']:.2f}")
+                    shown += [
+                        f"{k.removeprefix('eval_')} {v:.4g}"
                         for k, v in evals.items()
                         if k not in ("eval_loss", "perplexity")
-                    )
-                    ppl = f", perplexity {evals['perplexity']:.2f}" if "perplexity" in evals else ""
-                    progress.message(f"step {step}: eval loss {eval_loss:.4f}{ppl}{extra}")
+                    ]
+                    progress.message(f"step {step}: {', '.join(shown)}")
 
                 if step % loop.log_every == 0 or last or step == start + 1:
                     tps = tokens_since_log / max(step_time, 1e-9)
@@ -373,7 +379,7 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
                 if (
                     last
                     or stopping
-                    or eval_loss is not None
+                    or evaluated
                     or (loop.save_every and step % loop.save_every == 0)
                 ):
                     ckpt.save(step, state, meta_for(step, eval_loss), eval_loss)

@@ -9,7 +9,8 @@ The loop knows nothing of pretraining, fine-tuning or adapters. A recipe gives i
   reference, a teacher), with ``frozen_axes`` (``None`` for a tree: replicated);
 - ``loss`` (see ``llmjax.losses``) and optionally ``eval_loss`` (without regularisers);
 - ``train``: the batch iterator (``next``, ``state()``, ``restore(state)``, ``local_rows``);
-  ``heldout(batch_size, max_batches)``: held-out batches for the eval loss;
+  ``heldout(batch_size, max_batches)``: held-out batches for the eval loss (None: none, as for
+  RL, whose evaluation is ``evaluate``'s);
 - ``evaluate(params, frozen) -> dict`` of further eval metrics (exact match, ...);
 - ``identity``: what a checkpoint must have been trained with to be resumed (the tokenizer's and
   the data's fingerprints, the base's hash, ...), recorded in every checkpoint and compared on
@@ -17,7 +18,7 @@ The loop knows nothing of pretraining, fine-tuning or adapters. A recipe gives i
   ``start_metrics``: numbers logged once at step 0 (trainable parameter counts, ...);
 - ``eval_perplexity``: False when the loss is not a next-token NLL (preference losses), so no
   perplexity is derived from it;
-- ``rollout(params, frozen, batch, key) -> (batch, metrics)``: run on the host before each step
+- ``rollout(params, frozen, batch, key, step) -> (batch, metrics)``: run on the host before each step
   with the current (sharded) parameters, it turns the data's batch into the step's batch, e.g.
   sampling completions and scoring them with Python reward functions (RL). ``key`` is a function
   of the seed and the step only, so a resumed run samples what the interrupted one would have;
@@ -46,7 +47,7 @@ class Task:
     axes: dict
     loss: Callable
     train: object
-    heldout: Callable[[int, int], Iterable[dict]]
+    heldout: Callable[[int, int], Iterable[dict]] | None  # None: no held-out loss (RL)
     model: object = None  # ModelConfig of the model being trained
     frozen: dict = field(default_factory=dict)
     frozen_axes: dict = field(default_factory=dict)

@@ -48,7 +48,7 @@ def _rollout_task(cfg, out):
     task = pretrain.task(cfg, model, build_data(cfg.data, out, cfg.model.vocab_size))
     seen = []
 
-    def rollout(params, frozen, batch, key):
+    def rollout(params, frozen, batch, key, step):
         draw = jax.random.randint(key, batch["targets"].shape, 0, cfg.model.vocab_size)
         seen.append(np.asarray(draw[0, :4]))
         # Depends on the params too, as a sampler's output does.

@@ -1,0 +1,178 @@
+"""``llmjax grpo``: reinforcement learning on verifiable rewards (GRPO, Dr. GRPO, DAPO) from jsonl
+prompts ({"prompt": text or messages, ...other fields the reward functions read}).
+
+llmjax grpo --base runs/sft --data math.jsonl --reward answer_match --out runs/grpo
+llmjax grpo --base runs/sft --data math.jsonl --reward answer_match --reward format_match \\
+    --reward-weights 1,0.2 --num-generations 8 --max-new-tokens 128 --beta 0.04
+llmjax grpo ... --loss-type dr_grpo --scale-rewards none                 # Dr. GRPO
+llmjax grpo ... --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --mask-truncated  # DAPO
+llmjax grpo ... --reward my_rewards.py:score                             # your own function
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from llmjax.cli import HelpFormatter, _absolute, finish
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser(
+        "grpo",
+        help="RL on verifiable rewards: GRPO, Dr. GRPO and DAPO on jsonl prompts",
+        description="Group relative policy optimisation: G completions of each prompt, scored by "
+        "reward functions on text, advantages relative to the group. Running it again resumes.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=HelpFormatter,
+    )
+    sp.add_argument(
+        "--base", required=True, metavar="RUN_OR_HF_DIR", help="the model to start from"
+    )
+    sp.add_argument("--data", required=True, metavar="FILE.jsonl", help="the prompts")
+    sp.add_argument("--out", default="runs/grpo", metavar="DIR", help="the run's directory")
+    sp.add_argument(
+        "--reward",
+        action="append",
+        required=True,
+        metavar="NAME|MODULE:FUNCTION",
+        help="a reward function: answer_match, format_match, length_penalty, or your own "
+        "(a module or .py file, and a function of (prompts, completions, **fields)); repeatable",
+    )
+    sp.add_argument(
+        "--reward-weights",
+        metavar="W1,W2,...",
+        help="one weight per --reward (default: 1 each)",
+    )
+    for flag, var, key, text in [
+        ("--steps", "N", "loop.steps", ""),
+        ("--batch-size", "P", "data.batch_size", ", prompts per step"),
+        ("--max-prompt-len", "L", "data.max_prompt_len", ", longer prompts keep their end"),
+        ("--lr", "LR", "optim.lr", ""),
+        ("--num-generations", "G", "num_generations", ", completions per prompt"),
+        ("--max-new-tokens", "N", "max_new_tokens", ""),
+        ("--temperature", "T", "temperature", ""),
+        ("--beta", "B", "beta", ", KL to the reference; 0 loads none"),
+        ("--epsilon", "E", "epsilon", ", the ratio's clip"),
+        ("--epsilon-high", "E", "epsilon_high", ", DAPO's clip-higher"),
+        ("--num-iterations", "K", "num_iterations", ", updates per batch of completions"),
+    ]:
+        sp.add_argument(flag, metavar=var, help=f"({key}{text}; default: the recipe's)")
+    sp.add_argument("--loss-type", choices=("grpo", "bnpo", "dapo", "dr_grpo"))
+    sp.add_argument(
+        "--scale-rewards",
+        choices=("group", "batch", "none"),
+        help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)",
+    )
+    sp.add_argument(
+        "--mask-truncated",
+        action="store_true",
+        help="completions that reach --max-new-tokens without stopping leave the loss (DAPO)",
+    )
+    sp.add_argument(
+        "--dynamic-sampling",
+        action="store_true",
+        help="groups whose completions all score the same leave the loss (DAPO)",
+    )
+    sp.add_argument(
+        "--log-completions",
+        metavar="N",
+        help="every N steps append the step's completions and rewards to completions.jsonl",
+    )
+    sp.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="train LoRA adapters of this rank over a frozen base (default: full fine-tuning)",
+    )
+    sp.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: 2 * rank)")
+    sp.add_argument(
+        "--quantize-base",
+        choices=("int8", "nf4"),
+        help="store the frozen base quantized while adapters train (QLoRA; default: float32)",
+    )
+    sp.add_argument(
+        "--strict", action="store_true", help="stop at the first bad record instead of skipping"
+    )
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. optim.warmup_steps=10; repeatable",
+    )
+    sp.set_defaults(fn=cmd_grpo)
+
+
+def build_config(args):
+    from llmjax.config import ConfigError
+    from llmjax.lora import DEFAULT_TARGETS, LoraConfig
+    from llmjax.recipes.rl import GRPOConfig
+    from llmjax.train.config import override
+
+    lora = None
+    if args.lora_rank is not None:
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        lora = LoraConfig(rank=args.lora_rank, alpha=alpha, targets=DEFAULT_TARGETS)
+    elif args.lora_alpha is not None:
+        raise ConfigError("--lora-alpha needs --lora-rank R")
+    weights = ()
+    if args.reward_weights:
+        try:
+            weights = tuple(float(w) for w in args.reward_weights.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"--reward-weights {args.reward_weights!r}: write numbers separated by commas, "
+                "one per --reward, e.g. 1,0.2"
+            ) from None
+    cfg = GRPOConfig(
+        base=_absolute(args.base),
+        rewards=tuple(args.reward),
+        reward_weights=weights,
+        lora=lora,
+        quantize_base=args.quantize_base or "",
+    )
+    flags = {
+        "data.path": _absolute(args.data),
+        "loop.steps": args.steps,
+        "data.batch_size": args.batch_size,
+        "data.max_prompt_len": args.max_prompt_len,
+        "optim.lr": args.lr,
+        "num_generations": args.num_generations,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "beta": args.beta,
+        "epsilon": args.epsilon,
+        "epsilon_high": args.epsilon_high,
+        "num_iterations": args.num_iterations,
+        "loss_type": args.loss_type,
+        "scale_rewards": args.scale_rewards,
+        "log_completions_every": args.log_completions,
+        "mask_truncated_completions": "true" if args.mask_truncated else None,
+        "dynamic_sampling": "true" if args.dynamic_sampling else None,
+        "data.strict": "true" if args.strict else None,
+    }
+    for assignment in [f"{k}={v}" for k, v in flags.items() if v is not None] + list(
+        args.set or []
+    ):
+        cfg = override(cfg, assignment)
+    return cfg
+
+
+def cmd_grpo(args) -> int:
+    import llmjax.distributed
+
+    llmjax.distributed.initialize()
+    from llmjax.recipes import rl
+
+    cfg = build_config(args)
+    result = rl.run(cfg, args.out)
+    run = shlex.quote(args.out)
+    export = shlex.quote(args.out.rstrip("/") + ("-peft" if cfg.lora else "-hf"))
+    return finish(
+        result,
+        lambda: (
+            f"saved {run}; next:\n"
+            f"  llmjax plot {run}    # the reward curve\n"
+            f'  llmjax generate --ckpt {run} --prompt "..."\n'
+            f"  llmjax export --ckpt {run} --out {export}"
+        ),
+    )
