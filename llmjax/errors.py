@@ -52,6 +52,11 @@ class HFCheckpointError(LlmjaxError, ValueError):
     """A Hugging Face directory that is malformed or does not match its config."""
 
 
+class RewardError(LlmjaxError, ValueError):
+    """A reward function raised, or returned a value that cannot be a reward; the message names
+    the function, the problem and the first offending completion."""
+
+
 def one_line(e: BaseException) -> str:
     """An error's message on one line (``KeyError`` without its quotes)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -18,6 +18,11 @@ offline); ``sequence_logprobs`` scores whole sequences.
 Preference tuning, on ``[B]`` per-pair log-probs or rewards with TRL's metric names:
 ``preference_loss`` (DPO, cDPO, hinge, IPO, robust DPO), ``simpo_loss``, ``orpo_loss`` and
 ``reward_model_loss`` (Bradley-Terry).
+
+Reinforcement learning on verifiable rewards (GRPO, Dr. GRPO, DAPO, PPO), with TRL's metric names:
+``group_advantages`` and ``varied_groups`` on ``[N]`` rewards of groups of completions,
+``policy_loss`` (the clipped surrogate with an optional k3 KL penalty, aggregated by
+``POLICY_LOSSES``), ``token_entropy``, and PPO's ``gae`` and ``value_loss``.
 """
 
 from llmjax.losses.core import (
@@ -43,18 +48,33 @@ from llmjax.losses.preference import (
     reward_model_loss,
     simpo_loss,
 )
+from llmjax.losses.rl import (
+    ADVANTAGE_SCALES,
+    POLICY_LOSSES,
+    gae,
+    group_advantages,
+    policy_loss,
+    token_entropy,
+    value_loss,
+    varied_groups,
+)
 
 __all__ = [
+    "ADVANTAGE_SCALES",
     "DISTILL_KINDS",
     "ORPO_MAX_LOGP",
+    "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "SUMMED",
     "TOP_K_RESTS",
     "distill_loss",
     "distill_loss_top_k",
+    "gae",
+    "group_advantages",
     "masked_cross_entropy",
     "next_token_loss",
     "orpo_loss",
+    "policy_loss",
     "preference_loss",
     "real_tokens",
     "reward_model_loss",
@@ -62,4 +82,7 @@ __all__ = [
     "simpo_loss",
     "teacher_log_normalizer",
     "teacher_top_k",
+    "token_entropy",
+    "value_loss",
+    "varied_groups",
 ]
