@@ -33,15 +33,20 @@ def add_parser(sub) -> None:
     sp.add_argument(
         "--reward",
         action="append",
-        required=True,
         metavar="NAME|MODULE:FUNCTION",
         help="a reward function: answer_match, format_match, length_penalty, or your own "
         "(a module or .py file, and a function of (prompts, completions, **fields)); repeatable",
     )
     sp.add_argument(
+        "--reward-model",
+        metavar="RUN_OR_HF_DIR",
+        help="a trained reward model (llmjax reward, or a ...ForSequenceClassification "
+        "directory) scoring each completion, after the --reward functions",
+    )
+    sp.add_argument(
         "--reward-weights",
         metavar="W1,W2,...",
-        help="one weight per --reward (default: 1 each)",
+        help="one weight per --reward, then one for --reward-model (default: 1 each)",
     )
     for flag, var, key, text in [
         ("--steps", "N", "loop.steps", ""),
@@ -125,7 +130,8 @@ def build_config(args):
             ) from None
     cfg = GRPOConfig(
         base=_absolute(args.base),
-        rewards=tuple(args.reward),
+        rewards=tuple(args.reward or ()),
+        reward_model=_absolute(args.reward_model) if args.reward_model else "",
         reward_weights=weights,
         lora=lora,
         quantize_base=args.quantize_base or "",

@@ -8,7 +8,8 @@ not read. ``score`` runs several weighted functions and checks what they return.
 
 Built-ins (``BUILTINS``, each a factory): ``answer_match`` (the final answer equals a column),
 ``format_match`` (a regular expression) and ``length_penalty`` (DAPO's soft overlong penalty).
-``load_reward`` resolves ``"NAME"`` or ``"module:function"`` specs, as a command line passes them.
+``load_reward`` resolves ``"NAME"`` or ``"module:function"`` specs, as a command line passes them;
+``model_reward`` makes a trained reward model one.
 """
 
 from __future__ import annotations
@@ -129,6 +130,28 @@ def length_penalty(
         return [0.0 - min(max(n - start, 0) / buffer, 1.0) for n in lengths]
 
     return _named(reward, name)
+
+
+def model_reward(reward_model, *, name: str = "reward_model") -> Callable:
+    """A trained reward model (``llmjax.inference.RewardModel``, or a run or Hugging Face
+    directory for ``llmjax.load_reward_model``) as a reward function: it scores the token ids
+    ``prompt_ids + completion_ids`` (fields the RL recipes pass; the completion's stop token
+    included, as the model was trained on completions that end with it), not the text."""
+    from llmjax.inference.reward import RewardModel, load_reward_model
+
+    rm = reward_model if isinstance(reward_model, RewardModel) else load_reward_model(reward_model)
+
+    def fn(prompts, completions, prompt_ids=None, completion_ids=None, **fields):
+        if prompt_ids is None or completion_ids is None:
+            raise InputError(
+                f"reward {name!r} scores token ids: pass the prompt_ids and completion_ids fields "
+                "(llmjax grpo and ppo pass them)"
+            )
+        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        return [float(x) for x in rm.score(sequences)]
+
+    fn.reward_model = rm
+    return _named(fn, name)
 
 
 BUILTINS: dict[str, Callable[..., Callable]] = {

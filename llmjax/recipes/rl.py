@@ -48,7 +48,7 @@ from llmjax.losses import (
     varied_groups,
 )
 from llmjax.recipes.sft import QUANTIZE_MODES, load_base, trainable
-from llmjax.rewards import load_reward, reward_metrics, reward_name, score
+from llmjax.rewards import load_reward, model_reward, reward_metrics, reward_name, score
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
 
 COMPLETIONS_FILE = "completions.jsonl"
@@ -68,7 +68,8 @@ class GRPOConfig:
         default_factory=lambda: LoopConfig(steps=200, eval_every=50, save_every=50, sample_tokens=0)
     )
     rewards: tuple[str, ...] = ("answer_match",)  # built-in names or module:function
-    reward_weights: tuple[float, ...] = ()  # empty: 1 each
+    reward_model: str = ""  # a reward run or HF ...ForSequenceClassification, scored after them
+    reward_weights: tuple[float, ...] = ()  # empty: 1 each, the reward model's last
     num_generations: int = 8  # G completions per prompt
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -107,11 +108,11 @@ class GRPOConfig:
                 f"{', '.join(ADVANTAGE_SCALES)}",
             ),
             (self.num_iterations >= 1, "num_iterations must be at least 1"),
-            (bool(self.rewards), "give at least one --reward"),
+            (bool(self.rewards or self.reward_model), "give a --reward or a --reward-model"),
             (
-                not self.reward_weights or len(self.reward_weights) == len(self.rewards),
-                f"{len(self.reward_weights)} reward weights for {len(self.rewards)} rewards; "
-                "give one weight per --reward",
+                not self.reward_weights or len(self.reward_weights) == self.num_rewards,
+                f"{len(self.reward_weights)} reward weights for {self.num_rewards} rewards; "
+                "give one weight per --reward (and one for --reward-model, last)",
             ),
             (self.quantize_base in QUANTIZE_MODES, "quantize_base: expected int8 or nf4"),
             (
@@ -131,6 +132,10 @@ class GRPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def num_rewards(self) -> int:
+        return len(self.rewards) + bool(self.reward_model)
 
 
 def token_logprobs(logits_BTV, targets_BT):
@@ -179,75 +184,104 @@ def _sampler(cfg: GRPOConfig, model, params_of, stops, width: int):
     return sample
 
 
-def _reward_fns(cfg: GRPOConfig):
+def reward_fns(cfg, tokenizer=None):
     fns = [load_reward(spec) for spec in cfg.rewards]
+    if cfg.reward_model:
+        fn = model_reward(cfg.reward_model)
+        theirs = fn.reward_model.tokenizer
+        if tokenizer is not None and theirs is not None and theirs.sha256 != tokenizer.sha256:
+            raise ConfigError(
+                f"--reward-model {cfg.reward_model} was trained with another tokenizer (sha256 "
+                f"{theirs.sha256[:12]}, the policy's {tokenizer.sha256[:12]}); it scores token "
+                "ids, so train it from the same base (llmjax reward --base ...)"
+            )
+        fns.append(fn)
     weights = cfg.reward_weights or (1.0,) * len(fns)
     return list(zip(fns, weights, strict=True))
 
 
-def _decode(tokenizer, tokens_N, lengths_N) -> list[str]:
-    return [tokenizer.decode(list(t[:n])) for t, n in zip(tokens_N, lengths_N, strict=True)]
+@dataclass
+class Scored:
+    """The completions of one rollout, decoded and scored on the host."""
+
+    total: np.ndarray  # float32 [N]: the weighted sum of the reward functions
+    per_name: dict  # each function's rewards [N]
+    stopped: np.ndarray  # bool [N]: ended on a stop token (else cut at max_new_tokens)
+    metrics: dict  # rewards/<name>/mean, completions/*
 
 
-def make_rollout(cfg: GRPOConfig, model, params_of, data, out_dir):
+class Scorer:
+    """Decodes sampled tokens and scores them with the run's reward functions, which get the
+    record's fields plus ``prompt_ids`` and ``completion_ids`` (the stop token included)."""
+
+    def __init__(self, cfg, data, rewards, out_dir):
+        self.cfg, self.data, self.tok, self.rewards = cfg, data, data.tokenizer, rewards
+        self.log_path = Path(out_dir) / COMPLETIONS_FILE
+        self.main = distributed.is_main_process()
+
+    def __call__(self, index_N, tokens_NN, lengths_N, stopped_N, step: int) -> Scored:
+        prompts = [self.data.train_prompts.prompts[i] for i in index_N]
+        ended = lengths_N + stopped_N
+        texts = [self.tok.decode(list(t[:n])) for t, n in zip(tokens_NN, lengths_N, strict=True)]
+        fields = self.data.fields_of("train", index_N)
+        fields["prompt_ids"] = [list(p.ids) for p in prompts]
+        fields["completion_ids"] = [list(t[:n]) for t, n in zip(tokens_NN, ended, strict=True)]
+        prompt_texts = [p.text for p in prompts]
+        total, per_name = score(self.rewards, prompt_texts, texts, fields)
+        metrics = reward_metrics(per_name)
+        metrics.update(
+            {
+                "completions/mean_length": float(ended.mean()),
+                "completions/max_length": float(ended.max()),
+                "completions/clipped_ratio": float(1.0 - stopped_N.mean()),
+            }
+        )
+        every = self.cfg.log_completions_every
+        if self.main and every and step % every == 0:
+            with open(self.log_path, "a") as f:
+                for i, (p, c) in enumerate(zip(prompt_texts, texts, strict=True)):
+                    row = {"step": step, "prompt": p, "completion": c, "reward": float(total[i])}
+                    row.update({f"rewards/{k}": float(v[i]) for k, v in per_name.items()})
+                    f.write(json.dumps(row) + "\n")
+        return Scored(total, per_name, stopped_N.astype(bool), metrics)
+
+
+def place_like(x, like):
+    """Host values ``x`` (the same on every process) as a global array sharded as ``like``."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, like.sharding, lambda idx: x[idx])
+
+
+def make_rollout(cfg: GRPOConfig, model, params_of, data, rewards, out_dir):
     """The task's ``rollout`` hook (see the module docstring)."""
     G = cfg.num_generations
-    tok = data.tokenizer
-    sample = _sampler(cfg, model, params_of, tuple(tok.stop_ids), data.width)
-    rewards = _reward_fns(cfg)
-    log_path = Path(out_dir) / COMPLETIONS_FILE
-    main = distributed.is_main_process()
-
-    def place(x, like):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, like.sharding, lambda idx: x[idx])
+    sample = _sampler(cfg, model, params_of, tuple(data.tokenizer.stop_ids), data.width)
+    scorer = Scorer(cfg, data, rewards, out_dir)
 
     def hook(params, frozen, batch, key, step):
         out, tokens_NN, lengths_N, stopped_N = sample(
             params, frozen, batch["tokens"], batch["lengths"], key
         )
         index = np.repeat(_host(batch["index"]), G)
-        tokens_NN, lengths_N, stopped_N = map(_host, (tokens_NN, lengths_N, stopped_N))
-        completions = _decode(tok, tokens_NN, lengths_N)
-        prompts = [data.train_prompts.prompts[i].text for i in index]
-        total, per_name = score(rewards, prompts, completions, data.fields_of("train", index))
-        advantages, m = group_advantages(total, G, scale=cfg.scale_rewards)
-        keep = np.ones(len(total), np.float32)
+        scored = scorer(index, *map(_host, (tokens_NN, lengths_N, stopped_N)), step)
+        advantages, m = group_advantages(scored.total, G, scale=cfg.scale_rewards)
+        keep = np.ones(len(scored.total), np.float32)
         if cfg.mask_truncated_completions:
-            keep *= stopped_N
+            keep *= scored.stopped
         if cfg.dynamic_sampling:
-            keep *= np.repeat(np.asarray(varied_groups(total, G)), G)
-        rows = out["segment_ids"]
+            keep *= np.repeat(np.asarray(varied_groups(scored.total, G)), G)
+        row = out["segment_ids"][:, 0]
         out = {
             **out,
-            "advantages": place(np.asarray(advantages, np.float32), rows[:, 0]),
-            "keep": place(keep, rows[:, 0]),
+            "advantages": place_like(np.asarray(advantages, np.float32), row),
+            "keep": place_like(keep, row),
         }
-        ended = lengths_N + stopped_N
         metrics = {k: float(v) for k, v in m.items()}
-        metrics.update(reward_metrics(per_name))
-        metrics.update(
-            {
-                "completions/mean_length": float(ended.mean()),
-                "completions/max_length": float(ended.max()),
-                "completions/clipped_ratio": float(1.0 - stopped_N.mean()),
-                "completions/kept_ratio": float(keep.mean()),
-            }
-        )
-        every = cfg.log_completions_every
-        if main and every and step % every == 0:
-            _log_completions(log_path, step, prompts, completions, total, per_name)
+        metrics.update(scored.metrics)
+        metrics["completions/kept_ratio"] = float(keep.mean())
         return out, metrics
 
     return hook
-
-
-def _log_completions(path: Path, step, prompts, completions, total, per_name) -> None:
-    with open(path, "a") as f:
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-            row = {"step": step, "prompt": p, "completion": c, "reward": float(total[i])}
-            row.update({f"rewards/{k}": float(v[i]) for k, v in per_name.items()})
-            f.write(json.dumps(row) + "\n")
 
 
 def make_loss(cfg: GRPOConfig, model, params_of, reference):
@@ -310,14 +344,13 @@ def _reference(cfg: GRPOConfig, model, base_params, frozen, frozen_axes):
     return reference
 
 
-def _evaluation(cfg: GRPOConfig, model, params_of, data):
+def evaluation(cfg, model, params_of, data, rewards):
     """Greedy completions of held-out prompts, scored by the reward functions."""
     from llmjax.inference import generate
 
     prompts = data.heldout[: cfg.eval_prompts]
     if not prompts:
         return None
-    rewards = _reward_fns(cfg)
     merged = jax.jit(params_of)
     fields = data.fields_of("heldout", np.arange(len(prompts)))
 
@@ -331,7 +364,13 @@ def _evaluation(cfg: GRPOConfig, model, params_of, data):
             stop_tokens=tuple(data.tokenizer.stop_ids),
         )
         completions = [data.tokenizer.decode(t) for t in out.tokens]
-        total, per_name = score(rewards, [p.text for p in prompts], completions, fields)
+        # The stop token a greedy completion ended on is not returned: the first stop id stands
+        # for it (the eos of every tokenizer here).
+        stop = list(data.tokenizer.stop_ids[:1])
+        ids = [t + stop if s else t for t, s in zip(out.tokens, out.stopped, strict=True)]
+        extra = {"prompt_ids": [list(p.ids) for p in prompts], "completion_ids": ids}
+        texts = [p.text for p in prompts]
+        total, per_name = score(rewards, texts, completions, {**fields, **extra})
         metrics = {"eval_reward": float(total.mean())}
         metrics.update({f"eval_rewards/{k}/mean": float(v.mean()) for k, v in per_name.items()})
         return metrics
@@ -344,7 +383,8 @@ def task(cfg: GRPOConfig, base, data, out_dir, log=print) -> Task:
     t = trainable(cfg, model, base.params)
     frozen, frozen_axes = dict(t.frozen), dict(t.frozen_axes)
     reference = _reference(cfg, model, base.params, frozen, frozen_axes)
-    names = [reward_name(fn) for fn, _ in _reward_fns(cfg)]
+    rewards = reward_fns(cfg, data.tokenizer)
+    names = [reward_name(fn) for fn, _ in rewards]
     log(f"rewards: {', '.join(names)}; {cfg.num_generations} completions per prompt")
     settings = {
         f.name: getattr(cfg, f.name)
@@ -363,7 +403,7 @@ def task(cfg: GRPOConfig, base, data, out_dir, log=print) -> Task:
         model=model.config,
         frozen=frozen,
         frozen_axes=frozen_axes,
-        evaluate=_evaluation(cfg, model, t.params_of, data),
+        evaluate=evaluation(cfg, model, t.params_of, data, rewards),
         identity={
             "tokenizer_sha256": data.tokenizer.sha256,
             "data_fingerprint": data.fingerprint,
@@ -373,7 +413,7 @@ def task(cfg: GRPOConfig, base, data, out_dir, log=print) -> Task:
         },
         start_metrics=t.start_metrics,
         eval_perplexity=False,
-        rollout=make_rollout(cfg, model, t.params_of, data, out_dir),
+        rollout=make_rollout(cfg, model, t.params_of, data, rewards, out_dir),
         updates_per_batch=cfg.num_iterations,
     )
 

@@ -18,7 +18,7 @@ from llmjax.data.prompts import PromptDataConfig
 from llmjax.inference import SamplingConfig, continuation_batch, rollout
 from llmjax.recipes import rl
 from llmjax.train.metrics import read_metrics
-from tests.recipes.hf_base import NUMBERS, make_base
+from tests.recipes.hf_base import NUMBERS, make_base, write_pairs
 
 REWARDS = '''
 def short_digits(prompts, completions, **fields):
@@ -136,3 +136,20 @@ def test_a_reward_returning_nan_is_one_line_naming_it(base, files, tmp_path, cap
     assert grpo(base, files, tmp_path / "nan", *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken" in err[0] and "nan" in err[0].lower()
+
+
+def test_a_trained_reward_model_scores_the_completions(base, files, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    rm = tmp_path / "rm"
+    common = ["--batch-size", "4", "--seq-len", "32", "--steps", "2"]
+    assert (
+        main(["reward", "--base", str(base), "--data", str(pairs), "--out", str(rm), *common]) == 0
+    )
+    out = tmp_path / "run"
+    args = ["--steps", "1", "--reward-model", str(rm), "--reward-weights", "1,0.5"]
+    assert grpo(base, files, out, *args) == 0
+    record = steps(out)[1]
+    assert {"rewards/short_digits/mean", "rewards/reward_model/mean"} <= set(record)
+    # The logged reward is the weighted sum: short_digits + 0.5 * reward_model, per completion.
+    want = record["rewards/short_digits/mean"] + 0.5 * record["rewards/reward_model/mean"]
+    assert record["reward"] == pytest.approx(want, rel=1e-5, abs=1e-6)
