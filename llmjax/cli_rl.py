@@ -1,4 +1,4 @@
-"""``llmjax grpo``: reinforcement learning on verifiable rewards (GRPO, Dr. GRPO, DAPO) from jsonl
+"""``llmjax grpo`` and ``llmjax ppo``: reinforcement learning on verifiable rewards (GRPO, Dr. GRPO, DAPO) from jsonl
 prompts ({"prompt": text or messages, ...other fields the reward functions read}).
 
 llmjax grpo --base runs/sft --data math.jsonl --reward answer_match --out runs/grpo
@@ -25,11 +25,48 @@ def add_parser(sub) -> None:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=HelpFormatter,
     )
+    _common(sp, "runs/grpo")
+    sp.add_argument("--loss-type", choices=("grpo", "bnpo", "dapo", "dr_grpo"))
+    sp.add_argument(
+        "--scale-rewards",
+        choices=("group", "batch", "none"),
+        help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)",
+    )
+    sp.add_argument(
+        "--dynamic-sampling",
+        action="store_true",
+        help="groups whose completions all score the same leave the loss (DAPO)",
+    )
+    sp.set_defaults(fn=cmd_grpo, kind="grpo")
+
+    pp = sub.add_parser(
+        "ppo",
+        help="RL on verifiable rewards with PPO: a critic, GAE and a per-token KL penalty",
+        description="Proximal policy optimisation: completions scored by reward functions (or a "
+        "reward model), per-token advantages from a critic by GAE, several epochs per batch. "
+        "Running it again resumes.",
+        epilog="llmjax ppo --base runs/sft --data math.jsonl --reward answer_match --beta 0.05 \\\n"
+        "    --num-iterations 4 --gamma 1 --lam 0.95 --vf-coef 0.1 --out runs/ppo",
+        formatter_class=HelpFormatter,
+    )
+    _common(pp, "runs/ppo")
+    for flag, var, key, text in [
+        ("--gamma", "G", "gamma", ", GAE's discount"),
+        ("--lam", "L", "lam", ", GAE's lambda"),
+        ("--vf-coef", "C", "vf_coef", ", the value loss's weight"),
+        ("--cliprange-value", "C", "cliprange_value", ", the value clip"),
+        ("--ent-coef", "C", "ent_coef", ", the entropy bonus"),
+    ]:
+        pp.add_argument(flag, metavar=var, help=f"({key}{text}; default: the recipe's)")
+    pp.set_defaults(fn=cmd_grpo, kind="ppo")
+
+
+def _common(sp, out: str) -> None:
     sp.add_argument(
         "--base", required=True, metavar="RUN_OR_HF_DIR", help="the model to start from"
     )
     sp.add_argument("--data", required=True, metavar="FILE.jsonl", help="the prompts")
-    sp.add_argument("--out", default="runs/grpo", metavar="DIR", help="the run's directory")
+    sp.add_argument("--out", default=out, metavar="DIR", help="the run's directory")
     sp.add_argument(
         "--reward",
         action="append",
@@ -56,27 +93,16 @@ def add_parser(sub) -> None:
         ("--num-generations", "G", "num_generations", ", completions per prompt"),
         ("--max-new-tokens", "N", "max_new_tokens", ""),
         ("--temperature", "T", "temperature", ""),
-        ("--beta", "B", "beta", ", KL to the reference; 0 loads none"),
+        ("--beta", "B", "beta", ", KL to the reference (PPO: in the reward); 0 loads none"),
         ("--epsilon", "E", "epsilon", ", the ratio's clip"),
         ("--epsilon-high", "E", "epsilon_high", ", DAPO's clip-higher"),
         ("--num-iterations", "K", "num_iterations", ", updates per batch of completions"),
     ]:
         sp.add_argument(flag, metavar=var, help=f"({key}{text}; default: the recipe's)")
-    sp.add_argument("--loss-type", choices=("grpo", "bnpo", "dapo", "dr_grpo"))
-    sp.add_argument(
-        "--scale-rewards",
-        choices=("group", "batch", "none"),
-        help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)",
-    )
     sp.add_argument(
         "--mask-truncated",
         action="store_true",
         help="completions that reach --max-new-tokens without stopping leave the loss (DAPO)",
-    )
-    sp.add_argument(
-        "--dynamic-sampling",
-        action="store_true",
-        help="groups whose completions all score the same leave the loss (DAPO)",
     )
     sp.add_argument(
         "--log-completions",
@@ -104,12 +130,12 @@ def add_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="override any config field, e.g. optim.warmup_steps=10; repeatable",
     )
-    sp.set_defaults(fn=cmd_grpo)
 
 
 def build_config(args):
     from llmjax.config import ConfigError
     from llmjax.lora import DEFAULT_TARGETS, LoraConfig
+    from llmjax.recipes.ppo import PPOConfig
     from llmjax.recipes.rl import GRPOConfig
     from llmjax.train.config import override
 
@@ -128,7 +154,7 @@ def build_config(args):
                 f"--reward-weights {args.reward_weights!r}: write numbers separated by commas, "
                 "one per --reward, e.g. 1,0.2"
             ) from None
-    cfg = GRPOConfig(
+    cfg = (PPOConfig if args.kind == "ppo" else GRPOConfig)(
         base=_absolute(args.base),
         rewards=tuple(args.reward or ()),
         reward_model=_absolute(args.reward_model) if args.reward_model else "",
@@ -149,13 +175,17 @@ def build_config(args):
         "epsilon": args.epsilon,
         "epsilon_high": args.epsilon_high,
         "num_iterations": args.num_iterations,
-        "loss_type": args.loss_type,
-        "scale_rewards": args.scale_rewards,
         "log_completions_every": args.log_completions,
         "mask_truncated_completions": "true" if args.mask_truncated else None,
-        "dynamic_sampling": "true" if args.dynamic_sampling else None,
         "data.strict": "true" if args.strict else None,
     }
+    if args.kind == "grpo":
+        flags["loss_type"] = args.loss_type
+        flags["scale_rewards"] = args.scale_rewards
+        flags["dynamic_sampling"] = "true" if args.dynamic_sampling else None
+    else:
+        for key in ("gamma", "lam", "vf_coef", "cliprange_value", "ent_coef"):
+            flags[key] = getattr(args, key)
     for assignment in [f"{k}={v}" for k, v in flags.items() if v is not None] + list(
         args.set or []
     ):
@@ -167,10 +197,10 @@ def cmd_grpo(args) -> int:
     import llmjax.distributed
 
     llmjax.distributed.initialize()
-    from llmjax.recipes import rl
+    from llmjax.recipes import ppo, rl
 
     cfg = build_config(args)
-    result = rl.run(cfg, args.out)
+    result = (ppo if args.kind == "ppo" else rl).run(cfg, args.out)
     run = shlex.quote(args.out)
     export = shlex.quote(args.out.rstrip("/") + ("-peft" if cfg.lora else "-hf"))
     return finish(

@@ -100,8 +100,10 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
             f"the base model at {cfg['base']} changed since {step_dir} was trained from it "
             "(its files' hash differs); put the original base back at that path"
         )
-    # A reward model's checkpoint holds {"decoder": what trained of the base, "head": ...}.
+    # A reward model's checkpoint holds {"decoder": what trained of the base, "head": ...}; a
+    # PPO run's {"policy": what trained, "critic": ...}, of which only the policy is read.
     scored = meta["identity"].get("head") == "score"
+    with_critic = "critic" in meta["identity"]
 
     def read(decoder_abstract):
         tree = decoder_abstract
@@ -109,9 +111,13 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
             D = model.config.d_model
             head = {"score": jax.ShapeDtypeStruct((D,), dtype_of(model.config.param_dtype))}
             tree = {"decoder": decoder_abstract, "head": head}
+        elif with_critic:
+            tree = {"policy": decoder_abstract}
         state, meta_ = restore(step_dir, {"params": _on_device(tree)}, partial=True)
         params = state["params"]
-        return (params["decoder"], params["head"]) if scored else (params, None), meta_
+        if scored:
+            return (params["decoder"], params["head"]), meta_
+        return (params["policy"] if with_critic else params, None), meta_
 
     if cfg.get("lora"):
         lora = LoraConfig(**cfg["lora"])

@@ -27,6 +27,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +91,13 @@ class GRPOConfig:
     model: ModelConfig | None = None
     name: str = "grpo"
 
+    # GRPO's advantages compare a prompt's completions with each other: a group needs two.
+    MIN_GENERATIONS: ClassVar[int] = 2
+
     def __post_init__(self):
+        G = self.MIN_GENERATIONS
         checks = [
-            (self.num_generations >= 2, "num_generations must be at least 2 (a group to compare)"),
+            (self.num_generations >= G, f"num_generations must be at least {G}"),
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature > 0, "temperature must be positive (GRPO samples)"),
             (self.beta >= 0, f"beta={self.beta}: must be >= 0 (0: no reference)"),
@@ -145,7 +150,7 @@ def token_logprobs(logits_BTV, targets_BT):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
     """Every value of a global array, on every process."""
     if x.is_fully_addressable:
         return np.asarray(x)
@@ -262,8 +267,8 @@ def make_rollout(cfg: GRPOConfig, model, params_of, data, rewards, out_dir):
         out, tokens_NN, lengths_N, stopped_N = sample(
             params, frozen, batch["tokens"], batch["lengths"], key
         )
-        index = np.repeat(_host(batch["index"]), G)
-        scored = scorer(index, *map(_host, (tokens_NN, lengths_N, stopped_N)), step)
+        index = np.repeat(to_host(batch["index"]), G)
+        scored = scorer(index, *map(to_host, (tokens_NN, lengths_N, stopped_N)), step)
         advantages, m = group_advantages(scored.total, G, scale=cfg.scale_rewards)
         keep = np.ones(len(scored.total), np.float32)
         if cfg.mask_truncated_completions:
@@ -318,8 +323,9 @@ def make_loss(cfg: GRPOConfig, model, params_of, reference):
     return loss
 
 
-def _reference(cfg: GRPOConfig, model, base_params, frozen, frozen_axes):
-    """``reference(frozen, batch)`` for the KL term (adds a frozen copy for full fine-tuning)."""
+def reference_logps(cfg, model, base_params, frozen, frozen_axes):
+    """``reference(frozen, batch)`` for the KL term, None without one (``beta`` 0); adds a frozen
+    copy of the base for full fine-tuning."""
     from llmjax.inference.quantize import QuantizedModel
 
     if cfg.beta == 0:
@@ -382,7 +388,7 @@ def task(cfg: GRPOConfig, base, data, out_dir, log=print) -> Task:
     model = base.model
     t = trainable(cfg, model, base.params)
     frozen, frozen_axes = dict(t.frozen), dict(t.frozen_axes)
-    reference = _reference(cfg, model, base.params, frozen, frozen_axes)
+    reference = reference_logps(cfg, model, base.params, frozen, frozen_axes)
     rewards = reward_fns(cfg, data.tokenizer)
     names = [reward_name(fn) for fn, _ in rewards]
     log(f"rewards: {', '.join(names)}; {cfg.num_generations} completions per prompt")

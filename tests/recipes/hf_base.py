@@ -100,3 +100,28 @@ def write_pairs(path: Path, extra: list[str] = ()) -> Path:
     ]
     path.write_text("\n".join([*lines, *extra]) + "\n")
     return path
+
+
+# Reward functions for the RL tests, loaded by path as users load theirs (``file.py:function``).
+RL_REWARDS = '''
+def short_digits(prompts, completions, **fields):
+    """More of the answer's letters and fewer tokens: varies between samples of a random model."""
+    return [sum(ch in a for ch in c) / (1 + len(c)) for c, a in zip(completions, fields["answer"])]
+
+
+def broken(prompts, completions, **fields):
+    return [float("nan")] * len(completions)
+'''
+
+
+def write_prompts(d: Path) -> Path:
+    """``d/prompts.jsonl`` (single-digit sums with an ``answer`` field) and ``d/rewards.py``."""
+    rows = [
+        {"prompt": f"what is {NUMBERS[a]} plus {NUMBERS[b]}", "answer": NUMBERS[a + b]}
+        for a in range(10)
+        for b in range(10)
+        if a + b < 10
+    ]
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "rewards.py").write_text(RL_REWARDS)
+    return d

@@ -18,17 +18,7 @@ from llmjax.data.prompts import PromptDataConfig
 from llmjax.inference import SamplingConfig, continuation_batch, rollout
 from llmjax.recipes import rl
 from llmjax.train.metrics import read_metrics
-from tests.recipes.hf_base import NUMBERS, make_base, write_pairs
-
-REWARDS = '''
-def short_digits(prompts, completions, **fields):
-    """More of the answer's letters and fewer tokens: varies between samples of a random model."""
-    return [sum(ch in a for ch in c) / (1 + len(c)) for c, a in zip(completions, fields["answer"])]
-
-
-def broken(prompts, completions, **fields):
-    return [float("nan")] * len(completions)
-'''
+from tests.recipes.hf_base import make_base, write_pairs, write_prompts
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +28,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("grpo-data")
-    rows = [
-        {"prompt": f"what is {NUMBERS[a]} plus {NUMBERS[b]}", "answer": NUMBERS[a + b]}
-        for a in range(10)
-        for b in range(10)
-        if a + b < 10
-    ]
-    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "rewards.py").write_text(REWARDS)
-    return d
+    return write_prompts(tmp_path_factory.mktemp("grpo-data"))
 
 
 def grpo(base, files, out, *extra) -> int:
