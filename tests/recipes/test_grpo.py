@@ -61,6 +61,12 @@ def test_grpo_logs_trls_metrics_and_its_completions(base, files, tmp_path):
     logged = [json.loads(line) for line in (out / rl.COMPLETIONS_FILE).read_text().splitlines()]
     assert len(logged) == 2 * 2 * 4 and {r["step"] for r in logged} == {1, 2}
     assert {"prompt", "completion", "reward", "rewards/short_digits"} <= set(logged[0])
+    # llmjax plot draws the reward curves beside the loss.
+    assert main(["plot", str(out), "--out", str(tmp_path / "curves.png")]) == 0
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert width > 1.8 * height  # two panels side by side
 
 
 def test_resume_is_bit_exact_with_the_samplers_key(base, files, tmp_path):
