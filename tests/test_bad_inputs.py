@@ -25,6 +25,7 @@ from tests.bad_inputs import (
     inference,
     interop,
     preference,
+    rl,
 )
 from tests.train.helpers import REPO, corpus_paths
 
@@ -34,6 +35,7 @@ CASES = (
     + finetune.CASES
     + distill.CASES
     + preference.CASES
+    + rl.CASES
     + interop.CASES
     + inference.CASES
 )
