@@ -56,7 +56,8 @@ def _common(sp, default_out: str) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override any config field, e.g. optim.lr=5e-7, loop.grad_accum=4; repeatable",
+        help="override any config field, e.g. optim.lr=5e-7, loop.grad_accum=4; repeatable "
+        "(default: none)",
     )
 
 

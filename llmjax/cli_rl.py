@@ -26,11 +26,17 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter,
     )
     _common(sp, "runs/grpo")
-    sp.add_argument("--loss-type", choices=("grpo", "bnpo", "dapo", "dr_grpo"))
+    sp.add_argument(
+        "--loss-type",
+        choices=("grpo", "bnpo", "dapo", "dr_grpo"),
+        help="how token losses average: per sequence then over sequences (grpo), over the "
+        "batch's tokens (bnpo, dapo), or over B * max_new_tokens (dr_grpo) (default: grpo)",
+    )
     sp.add_argument(
         "--scale-rewards",
         choices=("group", "batch", "none"),
-        help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)",
+        help="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO) "
+        "(default: group)",
     )
     sp.add_argument(
         "--dynamic-sampling",
@@ -72,13 +78,13 @@ def _common(sp, out: str) -> None:
         action="append",
         metavar="NAME|MODULE:FUNCTION",
         help="a reward function: answer_match, format_match, length_penalty, or your own "
-        "(a module or .py file, and a function of (prompts, completions, **fields)); repeatable",
+        "(a module or .py file, and a function of (prompts, completions, **fields)); repeatable (default: none)",
     )
     sp.add_argument(
         "--reward-model",
         metavar="RUN_OR_HF_DIR",
         help="a trained reward model (llmjax reward, or a ...ForSequenceClassification "
-        "directory) scoring each completion, after the --reward functions",
+        "directory) scoring each completion, after the --reward functions (default: none)",
     )
     sp.add_argument(
         "--reward-weights",
@@ -107,7 +113,8 @@ def _common(sp, out: str) -> None:
     sp.add_argument(
         "--log-completions",
         metavar="N",
-        help="every N steps append the step's completions and rewards to completions.jsonl",
+        help="every N steps append the step's completions and rewards to completions.jsonl "
+        "(default: never)",
     )
     sp.add_argument(
         "--lora-rank",
@@ -128,7 +135,7 @@ def _common(sp, out: str) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override any config field, e.g. optim.warmup_steps=10; repeatable",
+        help="override any config field, e.g. optim.warmup_steps=10; repeatable (default: none)",
     )
 
 

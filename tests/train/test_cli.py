@@ -154,7 +154,8 @@ def _subparsers(p):
 def test_help_lists_every_command_and_every_default(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
-    for command in ("pretrain", "sft", "distill", "eval", "generate", "export", "plot", "plan"):
+    commands = ("pretrain", "sft", "distill", "dpo", "reward", "grpo", "ppo", "eval", "generate")
+    for command in (*commands, "export", "plot", "plan"):
         assert re.search(rf"^    {command}\s+\w", top, re.M) or f"    {command}\n" in top, command
     checked = set()
     for name, sub in _subparsers(parser()):
