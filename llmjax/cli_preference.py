@@ -12,53 +12,32 @@ from __future__ import annotations
 import shlex
 
 from llmjax.cli import HelpFormatter, _absolute, finish
+from llmjax.cli_tuning import (
+    add_adapter_flags,
+    add_closing_flags,
+    add_setting_flags,
+    add_source_flags,
+    apply_flags,
+    lora_config,
+)
 
 _EXAMPLES = __doc__.split("\n\n", 1)[1]
 
 
 def _common(sp, default_out: str) -> None:
-    sp.add_argument(
-        "--base", required=True, metavar="RUN_OR_HF_DIR", help="the model to start from"
+    add_source_flags(sp, "the preference pairs (TRL format)", default_out)
+    add_setting_flags(
+        sp,
+        [
+            ("--steps", "N", "loop.steps", ""),
+            ("--batch-size", "B", "data.batch_size", ", in pairs"),
+            ("--seq-len", "T", "data.seq_len", ": prompt + completion tokens of each side"),
+            ("--max-prompt-len", "P", "data.max_prompt_len", "; longer prompts lose their start"),
+            ("--lr", "LR", "optim.lr", ""),
+        ],
     )
-    sp.add_argument(
-        "--data", required=True, metavar="FILE.jsonl", help="the preference pairs (TRL format)"
-    )
-    sp.add_argument("--out", default=default_out, metavar="DIR", help="the run's directory")
-    for flag, var, key in [
-        ("--steps", "N", "loop.steps"),
-        ("--batch-size", "B", "data.batch_size, in pairs"),
-        ("--seq-len", "T", "data.seq_len: prompt + completion tokens of each side"),
-        ("--max-prompt-len", "P", "data.max_prompt_len; longer prompts lose their first tokens"),
-        ("--lr", "LR", "optim.lr"),
-    ]:
-        sp.add_argument(flag, metavar=var, help=f"({key}; default: the recipe's)")
-    sp.add_argument(
-        "--lora-rank",
-        type=int,
-        metavar="R",
-        help="train LoRA adapters of this rank over a frozen base (default: full fine-tuning)",
-    )
-    sp.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: 2 * rank)")
-    sp.add_argument(
-        "--lora-targets",
-        metavar="REGEX",
-        help="parameter paths that get adapters (default: attention and MLP of every layer)",
-    )
-    sp.add_argument(
-        "--quantize-base",
-        choices=("int8", "nf4"),
-        help="store the frozen base quantized while adapters train (QLoRA; default: float32)",
-    )
-    sp.add_argument(
-        "--strict", action="store_true", help="stop at the first bad record instead of skipping"
-    )
-    sp.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. optim.lr=5e-7, loop.grad_accum=4; repeatable "
-        "(default: none)",
-    )
+    add_adapter_flags(sp)
+    add_closing_flags(sp, "optim.lr=5e-7, loop.grad_accum=4")
 
 
 def add_parser(sub) -> None:
@@ -130,21 +109,13 @@ def add_parser(sub) -> None:
 
 
 def build_config(args, kind: str):
-    from llmjax.config import ConfigError
-    from llmjax.lora import DEFAULT_TARGETS, LoraConfig
     from llmjax.recipes.preference import DPOConfig, RewardConfig
-    from llmjax.train.config import override
 
-    lora = None
-    if args.lora_rank is not None:
-        lora = LoraConfig(
-            rank=args.lora_rank,
-            alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
-            targets=args.lora_targets or DEFAULT_TARGETS,
-        )
-    elif args.lora_alpha is not None or args.lora_targets:
-        raise ConfigError("--lora-alpha and --lora-targets need --lora-rank R")
-    common = {"base": _absolute(args.base), "lora": lora, "quantize_base": args.quantize_base or ""}
+    common = {
+        "base": _absolute(args.base),
+        "lora": lora_config(args),
+        "quantize_base": args.quantize_base or "",
+    }
     cfg = DPOConfig(**common) if kind == "dpo" else RewardConfig(**common)
     flags = {
         "data.path": _absolute(args.data),
@@ -153,7 +124,6 @@ def build_config(args, kind: str):
         "data.seq_len": args.seq_len,
         "data.max_prompt_len": args.max_prompt_len,
         "optim.lr": args.lr,
-        "data.strict": "true" if args.strict else None,
     }
     if kind == "dpo":
         flags.update(
@@ -168,11 +138,7 @@ def build_config(args, kind: str):
         )
     else:
         flags["center_coef"] = args.center_coef
-    for assignment in [f"{k}={v}" for k, v in flags.items() if v is not None] + list(
-        args.set or []
-    ):
-        cfg = override(cfg, assignment)
-    return cfg
+    return apply_flags(cfg, flags, args)
 
 
 def _run(args, kind: str) -> int:

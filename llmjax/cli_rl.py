@@ -14,6 +14,14 @@ from __future__ import annotations
 import shlex
 
 from llmjax.cli import HelpFormatter, _absolute, finish
+from llmjax.cli_tuning import (
+    add_adapter_flags,
+    add_closing_flags,
+    add_setting_flags,
+    add_source_flags,
+    apply_flags,
+    lora_config,
+)
 
 
 def add_parser(sub) -> None:
@@ -68,17 +76,14 @@ def add_parser(sub) -> None:
 
 
 def _common(sp, out: str) -> None:
-    sp.add_argument(
-        "--base", required=True, metavar="RUN_OR_HF_DIR", help="the model to start from"
-    )
-    sp.add_argument("--data", required=True, metavar="FILE.jsonl", help="the prompts")
-    sp.add_argument("--out", default=out, metavar="DIR", help="the run's directory")
+    add_source_flags(sp, "the prompts (and the fields reward functions read)", out)
     sp.add_argument(
         "--reward",
         action="append",
         metavar="NAME|MODULE:FUNCTION",
-        help="a reward function: answer_match, format_match, length_penalty, or your own "
-        "(a module or .py file, and a function of (prompts, completions, **fields)); repeatable (default: none)",
+        help="a reward function: answer_match, format_match, length_penalty, or your own (a "
+        "module or .py file, and a function of (prompts, completions, **fields)); repeatable "
+        "(default: none)",
     )
     sp.add_argument(
         "--reward-model",
@@ -91,20 +96,22 @@ def _common(sp, out: str) -> None:
         metavar="W1,W2,...",
         help="one weight per --reward, then one for --reward-model (default: 1 each)",
     )
-    for flag, var, key, text in [
-        ("--steps", "N", "loop.steps", ""),
-        ("--batch-size", "P", "data.batch_size", ", prompts per step"),
-        ("--max-prompt-len", "L", "data.max_prompt_len", ", longer prompts keep their end"),
-        ("--lr", "LR", "optim.lr", ""),
-        ("--num-generations", "G", "num_generations", ", completions per prompt"),
-        ("--max-new-tokens", "N", "max_new_tokens", ""),
-        ("--temperature", "T", "temperature", ""),
-        ("--beta", "B", "beta", ", KL to the reference (PPO: in the reward); 0 loads none"),
-        ("--epsilon", "E", "epsilon", ", the ratio's clip"),
-        ("--epsilon-high", "E", "epsilon_high", ", DAPO's clip-higher"),
-        ("--num-iterations", "K", "num_iterations", ", updates per batch of completions"),
-    ]:
-        sp.add_argument(flag, metavar=var, help=f"({key}{text}; default: the recipe's)")
+    add_setting_flags(
+        sp,
+        [
+            ("--steps", "N", "loop.steps", ""),
+            ("--batch-size", "P", "data.batch_size", ", prompts per step"),
+            ("--max-prompt-len", "L", "data.max_prompt_len", ", longer prompts keep their end"),
+            ("--lr", "LR", "optim.lr", ""),
+            ("--num-generations", "G", "num_generations", ", completions per prompt"),
+            ("--max-new-tokens", "N", "max_new_tokens", ""),
+            ("--temperature", "T", "temperature", ""),
+            ("--beta", "B", "beta", ", KL to the reference (PPO: in the reward); 0 loads none"),
+            ("--epsilon", "E", "epsilon", ", the ratio's clip"),
+            ("--epsilon-high", "E", "epsilon_high", ", DAPO's clip-higher"),
+            ("--num-iterations", "K", "num_iterations", ", updates per batch of completions"),
+        ],
+    )
     sp.add_argument(
         "--mask-truncated",
         action="store_true",
@@ -116,42 +123,15 @@ def _common(sp, out: str) -> None:
         help="every N steps append the step's completions and rewards to completions.jsonl "
         "(default: never)",
     )
-    sp.add_argument(
-        "--lora-rank",
-        type=int,
-        metavar="R",
-        help="train LoRA adapters of this rank over a frozen base (default: full fine-tuning)",
-    )
-    sp.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: 2 * rank)")
-    sp.add_argument(
-        "--quantize-base",
-        choices=("int8", "nf4"),
-        help="store the frozen base quantized while adapters train (QLoRA; default: float32)",
-    )
-    sp.add_argument(
-        "--strict", action="store_true", help="stop at the first bad record instead of skipping"
-    )
-    sp.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. optim.warmup_steps=10; repeatable (default: none)",
-    )
+    add_adapter_flags(sp)
+    add_closing_flags(sp, "optim.warmup_steps=10, eval_prompts=200")
 
 
 def build_config(args):
     from llmjax.config import ConfigError
-    from llmjax.lora import DEFAULT_TARGETS, LoraConfig
     from llmjax.recipes.ppo import PPOConfig
     from llmjax.recipes.rl import GRPOConfig
-    from llmjax.train.config import override
 
-    lora = None
-    if args.lora_rank is not None:
-        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        lora = LoraConfig(rank=args.lora_rank, alpha=alpha, targets=DEFAULT_TARGETS)
-    elif args.lora_alpha is not None:
-        raise ConfigError("--lora-alpha needs --lora-rank R")
     weights = ()
     if args.reward_weights:
         try:
@@ -166,7 +146,7 @@ def build_config(args):
         rewards=tuple(args.reward or ()),
         reward_model=_absolute(args.reward_model) if args.reward_model else "",
         reward_weights=weights,
-        lora=lora,
+        lora=lora_config(args),
         quantize_base=args.quantize_base or "",
     )
     flags = {
@@ -184,7 +164,6 @@ def build_config(args):
         "num_iterations": args.num_iterations,
         "log_completions_every": args.log_completions,
         "mask_truncated_completions": "true" if args.mask_truncated else None,
-        "data.strict": "true" if args.strict else None,
     }
     if args.kind == "grpo":
         flags["loss_type"] = args.loss_type
@@ -193,11 +172,7 @@ def build_config(args):
     else:
         for key in ("gamma", "lam", "vf_coef", "cliprange_value", "ent_coef"):
             flags[key] = getattr(args, key)
-    for assignment in [f"{k}={v}" for k, v in flags.items() if v is not None] + list(
-        args.set or []
-    ):
-        cfg = override(cfg, assignment)
-    return cfg
+    return apply_flags(cfg, flags, args)
 
 
 def cmd_grpo(args) -> int:
