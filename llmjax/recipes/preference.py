@@ -52,7 +52,7 @@ from llmjax.recipes.pairs import (
     pair_logps,
     without_index,
 )
-from llmjax.recipes.sft import QUANTIZE_MODES, load_base, trainable
+from llmjax.recipes.sft import check_tuning, load_base, trainable
 from llmjax.scalar_head import init_score_head, score_axes, sequence_scores
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
 
@@ -83,25 +83,7 @@ class _Tuned:
     model: ModelConfig | None = None
 
     def __post_init__(self):
-        if self.quantize_base not in QUANTIZE_MODES:
-            raise ConfigError(
-                f"quantize_base={self.quantize_base!r}: expected int8 or nf4 (or empty for none)"
-            )
-        if self.quantize_base and self.lora is None:
-            raise ConfigError(
-                "a quantized base trains only with LoRA adapters: give --lora-rank (QLoRA), or "
-                "drop --quantize-base"
-            )
-        if self.trainable and self.lora is not None:
-            raise ConfigError(
-                "trainable selects parameters for full fine-tuning; with LoRA, choose the adapted "
-                "weights with --lora-targets instead"
-            )
-        if self.data.batch_size % self.loop.grad_accum:
-            raise ConfigError(
-                f"data.batch_size={self.data.batch_size} is not divisible by "
-                f"loop.grad_accum={self.loop.grad_accum}"
-            )
+        check_tuning(self)
 
 
 @dataclass(frozen=True)

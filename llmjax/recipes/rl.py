@@ -48,7 +48,7 @@ from llmjax.losses import (
     token_entropy,
     varied_groups,
 )
-from llmjax.recipes.sft import QUANTIZE_MODES, load_base, trainable
+from llmjax.recipes.sft import check_tuning, load_base, trainable
 from llmjax.rewards import load_reward, model_reward, reward_metrics, reward_name, score
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
 
@@ -119,24 +119,11 @@ class GRPOConfig:
                 f"{len(self.reward_weights)} reward weights for {self.num_rewards} rewards; "
                 "give one weight per --reward (and one for --reward-model, last)",
             ),
-            (self.quantize_base in QUANTIZE_MODES, "quantize_base: expected int8 or nf4"),
-            (
-                not (self.quantize_base and self.lora is None),
-                "a quantized base trains only with LoRA adapters: give --lora-rank",
-            ),
-            (
-                not (self.trainable and self.lora is not None),
-                "trainable selects parameters for full fine-tuning; with LoRA use --lora-targets",
-            ),
-            (
-                self.data.batch_size % self.loop.grad_accum == 0,
-                f"data.batch_size={self.data.batch_size} is not divisible by "
-                f"loop.grad_accum={self.loop.grad_accum}",
-            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_tuning(self)
 
     @property
     def num_rewards(self) -> int:

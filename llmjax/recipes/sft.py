@@ -54,25 +54,31 @@ class SFTConfig:
     name: str = "sft"
 
     def __post_init__(self):
-        if self.quantize_base not in QUANTIZE_MODES:
-            raise ConfigError(
-                f"quantize_base={self.quantize_base!r}: expected int8 or nf4 (or empty for none)"
-            )
-        if self.quantize_base and self.lora is None:
-            raise ConfigError(
-                "a quantized base trains only with LoRA adapters: give --lora-rank (QLoRA), or "
-                "drop --quantize-base for full fine-tuning"
-            )
-        if self.data.batch_size % self.loop.grad_accum:
-            raise ConfigError(
-                f"data.batch_size={self.data.batch_size} is not divisible by "
-                f"loop.grad_accum={self.loop.grad_accum}"
-            )
-        if self.trainable and self.lora is not None:
-            raise ConfigError(
-                "trainable selects parameters for full fine-tuning; with LoRA, choose the adapted "
-                "weights with --lora-targets instead"
-            )
+        check_tuning(self)
+
+
+def check_tuning(cfg) -> None:
+    """The checks every config that tunes a base shares (``lora``, ``quantize_base``,
+    ``trainable``, ``data.batch_size`` against ``loop.grad_accum``): ``ConfigError`` if any fails."""
+    if cfg.quantize_base not in QUANTIZE_MODES:
+        raise ConfigError(
+            f"quantize_base={cfg.quantize_base!r}: expected int8 or nf4 (or empty for none)"
+        )
+    if cfg.quantize_base and cfg.lora is None:
+        raise ConfigError(
+            "a quantized base trains only with LoRA adapters: give --lora-rank (QLoRA), or "
+            "drop --quantize-base for full fine-tuning"
+        )
+    if cfg.data.batch_size % cfg.loop.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by "
+            f"loop.grad_accum={cfg.loop.grad_accum}"
+        )
+    if cfg.trainable and cfg.lora is not None:
+        raise ConfigError(
+            "trainable selects parameters for full fine-tuning; with LoRA, choose the adapted "
+            "weights with --lora-targets instead"
+        )
 
 
 @dataclass
