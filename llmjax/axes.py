@@ -7,6 +7,9 @@ Single letters name array dimensions in einsums and in variable suffixes (``x_BT
     G  query heads per kv head (H = K * G)            C  channels per head (head_dim)
     F  MLP hidden width      V  vocabulary            E  experts
     L  layers                P  positions (learned position table)
+    N  tokens of a batch flattened (B * T)            R  routes per token (experts_per_token)
+    A  token-to-expert assignments (N * R), sorted by expert in a mixture-of-experts layer
+    M  slots per expert (capacity-limited dispatch)
 
 Long logical names exist only for sharding: every parameter carries a tuple of them (see
 ``PARAM_AXES``), and activations are constrained at block boundaries with the ``ACT_*`` names.

@@ -1,7 +1,7 @@
 """The frozen configuration of a decoder-only transformer.
 
-One ``ModelConfig`` describes every family llmjax assembles (GPT-2, Llama 3, Mistral, Qwen3, Gemma 2/3):
-families differ only in field values. A config is validated when it is built, and every error names the
+One ``ModelConfig`` describes every family llmjax assembles (GPT-2, Llama 3, Mistral, Qwen3, Gemma 2/3,
+Mixtral, Qwen3-MoE): families differ only in field values. A config is validated when it is built, and every error names the
 field and what would fix it.
 """
 
@@ -22,6 +22,8 @@ LAYER_KINDS = ("global", "local")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("dropless", "capacity")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,21 @@ class ModelConfig:
     tie_embeddings: bool = True
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
 
+    # Mixture of experts: n_experts = 0 keeps the dense MLP in every layer. Otherwise each layer not
+    # in ``dense_layers`` routes every token to ``experts_per_token`` gated MLPs of width
+    # ``expert_mlp_dim`` (see ``llmjax.layers.moe``).
+    n_experts: int = 0
+    experts_per_token: int = 2
+    expert_mlp_dim: int | None = None  # None: mlp_dim
+    router: str = "softmax"  # softmax over experts, then top-k; "sigmoid": per-expert scores
+    router_norm_topk: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral: yes)
+    shared_expert_dim: int = 0  # width of an always-on gated MLP beside the experts (0: none)
+    dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP of width mlp_dim
+    router_aux_coef: float = 0.0  # weight of the load-balancing loss (next_token_loss adds it)
+    router_z_coef: float = 0.0  # weight of the router z-loss
+    moe_dispatch: str = "dropless"  # "capacity": at most capacity_factor * fair share per expert
+    capacity_factor: float = 1.25
+
     # Numerics and memory.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
@@ -182,6 +199,50 @@ class ModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
         need(self.remat in REMAT, "remat", f"expected one of {REMAT}")
+        self._check_moe(need)
+
+    def _check_moe(self, need):
+        need(
+            isinstance(self.n_experts, int) and self.n_experts >= 0,
+            "n_experts",
+            "must be an int >= 0 (0: a dense MLP in every layer)",
+        )
+        need(
+            isinstance(self.dense_layers, tuple)
+            and len(set(self.dense_layers)) == len(self.dense_layers)
+            and all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.dense_layers),
+            "dense_layers",
+            f"must be a tuple of distinct layer indices in [0, n_layers={self.n_layers})",
+        )
+        if not self.n_experts:
+            return
+        need(
+            isinstance(self.experts_per_token, int)
+            and 0 < self.experts_per_token <= self.n_experts,
+            "experts_per_token",
+            f"must be an int in [1, n_experts={self.n_experts}]",
+        )
+        need(
+            self.expert_mlp_dim is None or self.expert_mlp_dim > 0,
+            "expert_mlp_dim",
+            "must be positive or None (None: mlp_dim)",
+        )
+        need(self.router in ROUTERS, "router", f"expected one of {ROUTERS}")
+        need(self.shared_expert_dim >= 0, "shared_expert_dim", "must be >= 0 (0: no shared expert)")
+        need(
+            self.gated_mlp,
+            "gated_mlp",
+            "experts are gated MLPs; set gated_mlp=True for n_experts > 0",
+        )
+        need(
+            not self.mlp_bias,
+            "mlp_bias",
+            "experts have no biases; set mlp_bias=False for n_experts > 0",
+        )
+        for fld in ("router_aux_coef", "router_z_coef"):
+            need(getattr(self, fld) >= 0, fld, "must be >= 0 (0: not added to the loss)")
+        need(self.moe_dispatch in DISPATCHES, "moe_dispatch", f"expected one of {DISPATCHES}")
+        need(self.capacity_factor > 0, "capacity_factor", "must be positive")
 
     # Derived values --------------------------------------------------------------------------------
     @property
@@ -195,6 +256,13 @@ class ModelConfig:
     @property
     def resolved_mlp_dim(self) -> int:
         return self.mlp_dim or 4 * self.d_model
+
+    @property
+    def resolved_expert_mlp_dim(self) -> int:
+        return self.expert_mlp_dim or self.resolved_mlp_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and i not in self.dense_layers
 
     @property
     def resolved_query_scale(self) -> float:
@@ -226,19 +294,31 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), attention included.
 
-        Matmul FLOPs only; causal attention counts half of the full T x S score matrix.
+        Matmul FLOPs only; causal attention counts half of the full T x S score matrix, and a
+        mixture-of-experts layer the experts a token is routed to.
         """
         D, H, K, C = self.d_model, self.n_heads, self.resolved_kv_heads, self.resolved_head_dim
         F, V = self.resolved_mlp_dim, self.vocab_size
         proj = 2 * D * (H * C + 2 * K * C) + 2 * H * C * D
-        mlp = 2 * D * F * (3 if self.gated_mlp else 2)
-        attn = 0.0
+        dense_mlp = 2 * D * F * (3 if self.gated_mlp else 2)
+        # A routed token runs its k experts (and the shared one) and every router logit.
+        routed = (
+            2
+            * D
+            * (
+                3 * self.experts_per_token * self.resolved_expert_mlp_dim
+                + 3 * self.shared_expert_dim
+                + self.n_experts
+            )
+        )
+        attn = mlp = 0.0
         for i in range(self.n_layers):
+            mlp += routed if self.is_moe_layer(i) else dense_mlp
             w = self.layer_window(i)
             span = seq_len if w is None else min(w, seq_len)
             # Mean keys per query: T/2 when causal over all, w - w^2 / 2T within a window w.
             attn += 2 * 2 * H * C * (span / 2 if w is None else span - span * span / (2 * seq_len))
-        return 3 * (self.n_layers * (proj + mlp) + attn + 2 * D * V)
+        return 3 * (self.n_layers * proj + mlp + attn + 2 * D * V)
 
 
 def dtype_of(name: str):

@@ -64,6 +64,39 @@ def qwen3(name, **kw):
     return ModelConfig(name=name, **{**base, **kw})
 
 
+def mixtral(name, **kw):
+    """Mistral's decoder with every MLP replaced by 8 experts, 2 per token (softmax, renormalised)."""
+    base = dict(
+        vocab_size=32000,
+        norm_eps=1e-5,
+        activation="silu",
+        gated_mlp=True,
+        tie_embeddings=False,
+        rope=RopeConfig(theta=1_000_000.0),
+        n_experts=8,
+        experts_per_token=2,
+        router_norm_topk=True,
+        router_aux_coef=0.02,
+    )
+    return ModelConfig(name=name, **{**base, **kw})
+
+
+def qwen3_moe(name, **kw):
+    """Qwen3's decoder with routed experts; ``dense_layers`` keep a dense MLP of ``mlp_dim``."""
+    base = dict(
+        vocab_size=151936,
+        norm_eps=1e-6,
+        qk_norm=True,
+        activation="silu",
+        gated_mlp=True,
+        tie_embeddings=False,
+        rope=RopeConfig(theta=1_000_000.0),
+        router_norm_topk=True,
+        router_aux_coef=0.001,
+    )
+    return ModelConfig(name=name, **{**base, **kw})
+
+
 def gemma(name, **kw):
     """Gemma 2 and 3 share RMSNorm(1 + w), sandwich norms, GeGLU and scaled embeddings."""
     base = dict(
@@ -271,6 +304,54 @@ PRESETS: dict[str, ModelConfig] = {
             sliding_window=16,
             query_scale=32**-0.5,
             rope_factor=8.0,
+        ),
+        mixtral(
+            "mixtral-8x7b",
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            mlp_dim=14336,
+            max_seq_len=32768,
+        ),
+        mixtral(
+            "mixtral-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_dim=96,
+            max_seq_len=256,
+            n_experts=4,
+        ),
+        qwen3_moe(
+            "qwen3-30b-a3b",
+            d_model=2048,
+            n_layers=48,
+            n_heads=32,
+            n_kv_heads=4,
+            head_dim=128,
+            mlp_dim=6144,
+            max_seq_len=40960,
+            n_experts=128,
+            experts_per_token=8,
+            expert_mlp_dim=768,
+        ),
+        qwen3_moe(
+            "qwen3-moe-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=3,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            mlp_dim=128,
+            max_seq_len=256,
+            n_experts=8,
+            experts_per_token=2,
+            expert_mlp_dim=32,
+            dense_layers=(1,),
         ),
     ]
 }

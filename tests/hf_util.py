@@ -42,6 +42,12 @@ CONFIGS = {
             **kw,
         }
     ),
+    "mixtral": lambda **kw: transformers.MixtralConfig(
+        **{**BASE, "num_local_experts": 4, "num_experts_per_tok": 2, **kw}
+    ),
+    "qwen3_moe": lambda **kw: transformers.Qwen3MoeConfig(
+        **{**BASE, "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32, **kw}
+    ),
     "gpt2": lambda **kw: transformers.GPT2Config(
         **{"vocab_size": 97, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 128, **kw}
     ),
@@ -52,6 +58,8 @@ CLASSES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 

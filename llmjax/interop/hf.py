@@ -1,7 +1,7 @@
 """Load and save Hugging Face checkpoints (config.json + safetensors) for the supported families.
 
-Each architecture is a table of ``Tensor`` entries: one Hugging Face tensor and the llmjax parameter(s)
-it holds. Loading streams one tensor at a time from memory-mapped files, so an 8B checkpoint never needs
+Each architecture is a table of ``Tensor`` entries (``hf_tensors``): one Hugging Face tensor and the
+llmjax parameter(s) it holds. Loading streams one tensor at a time from memory-mapped files, so an 8B checkpoint never needs
 twice its size in host memory; every missing, unexpected or mis-shaped tensor is reported by name.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -20,148 +19,17 @@ from llmjax.config import ModelConfig, dtype_of
 from llmjax.errors import HFCheckpointError, LlmjaxError
 from llmjax.interop import safetensors
 from llmjax.interop.hf_config import architecture_of, config_from_hf, config_to_hf
+from llmjax.interop.hf_tensors import (  # noqa: F401  (Tensor and the layouts are re-exported)
+    Tensor,
+    _is_ignorable,
+    hf_shape,
+    tensor_table,
+    to_hf_tensor,
+    to_llmjax,
+)
 from llmjax.models.model import Model
 
 CheckpointError = HFCheckpointError  # the name this module has always raised
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One Hugging Face tensor and the llmjax parameter paths it holds.
-
-    layout ``linear``: stored ``[out, in]`` (torch Linear); ``conv``: stored ``[in, out]`` (GPT-2's
-    Conv1D); ``flat``: a vector; ``same``: identical shape. ``n_in`` leading llmjax dims are inputs.
-    Several paths split the stored output dimension equally (GPT-2's fused q/k/v).
-    """
-
-    hf: str
-    paths: tuple[str, ...]
-    layout: str = "same"
-    n_in: int = 1
-
-
-def _decoder_table(cfg: ModelConfig, arch: str) -> list[Tensor]:
-    gemma = arch.startswith("Gemma")
-    t = [
-        Tensor("model.embed_tokens.weight", ("embed",)),
-        Tensor("model.norm.weight", ("final_norm.scale",)),
-    ]
-    if not cfg.tie_embeddings:
-        t.append(Tensor("lm_head.weight", ("lm_head",), "linear"))
-    for i in range(cfg.n_layers):
-        hf, us = f"model.layers.{i}.", f"layers.{i}."
-        t += [
-            Tensor(hf + "self_attn.q_proj.weight", (us + "attn.wq",), "linear"),
-            Tensor(hf + "self_attn.k_proj.weight", (us + "attn.wk",), "linear"),
-            Tensor(hf + "self_attn.v_proj.weight", (us + "attn.wv",), "linear"),
-            Tensor(hf + "self_attn.o_proj.weight", (us + "attn.wo",), "linear", n_in=2),
-            Tensor(hf + "mlp.gate_proj.weight", (us + "mlp.gate",), "linear"),
-            Tensor(hf + "mlp.up_proj.weight", (us + "mlp.up",), "linear"),
-            Tensor(hf + "mlp.down_proj.weight", (us + "mlp.down",), "linear"),
-            Tensor(hf + "input_layernorm.weight", (us + "attn_norm.scale",)),
-        ]
-        if gemma:
-            t += [
-                Tensor(hf + "post_attention_layernorm.weight", (us + "attn_post_norm.scale",)),
-                Tensor(hf + "pre_feedforward_layernorm.weight", (us + "mlp_norm.scale",)),
-                Tensor(hf + "post_feedforward_layernorm.weight", (us + "mlp_post_norm.scale",)),
-            ]
-        else:
-            t.append(Tensor(hf + "post_attention_layernorm.weight", (us + "mlp_norm.scale",)))
-        if cfg.qk_norm:
-            t += [
-                Tensor(hf + "self_attn.q_norm.weight", (us + "attn.q_norm.scale",)),
-                Tensor(hf + "self_attn.k_norm.weight", (us + "attn.k_norm.scale",)),
-            ]
-        if cfg.qkv_bias:
-            t += [
-                Tensor(hf + f"self_attn.{n}_proj.bias", (us + f"attn.b{n}",), "flat") for n in "qkv"
-            ]
-        if cfg.out_bias:
-            t.append(Tensor(hf + "self_attn.o_proj.bias", (us + "attn.bo",), "flat"))
-        if cfg.mlp_bias:
-            t += [
-                Tensor(hf + "mlp.gate_proj.bias", (us + "mlp.gate_bias",), "flat"),
-                Tensor(hf + "mlp.up_proj.bias", (us + "mlp.up_bias",), "flat"),
-                Tensor(hf + "mlp.down_proj.bias", (us + "mlp.down_bias",), "flat"),
-            ]
-    return t
-
-
-def _gpt2_table(cfg: ModelConfig, prefix: str) -> list[Tensor]:
-    p = prefix
-    t = [
-        Tensor(p + "wte.weight", ("embed",)),
-        Tensor(p + "wpe.weight", ("pos_embed",)),
-        Tensor(p + "ln_f.weight", ("final_norm.scale",)),
-        Tensor(p + "ln_f.bias", ("final_norm.bias",)),
-    ]
-    if not cfg.tie_embeddings:
-        t.append(Tensor("lm_head.weight", ("lm_head",), "linear"))
-    for i in range(cfg.n_layers):
-        hf, us = f"{p}h.{i}.", f"layers.{i}."
-        qkv = tuple(us + f"attn.w{n}" for n in "qkv")
-        t += [
-            Tensor(hf + "ln_1.weight", (us + "attn_norm.scale",)),
-            Tensor(hf + "ln_1.bias", (us + "attn_norm.bias",)),
-            Tensor(hf + "attn.c_attn.weight", qkv, "conv"),
-            Tensor(hf + "attn.c_attn.bias", tuple(us + f"attn.b{n}" for n in "qkv"), "flat"),
-            Tensor(hf + "attn.c_proj.weight", (us + "attn.wo",), "conv", n_in=2),
-            Tensor(hf + "attn.c_proj.bias", (us + "attn.bo",), "flat"),
-            Tensor(hf + "ln_2.weight", (us + "mlp_norm.scale",)),
-            Tensor(hf + "ln_2.bias", (us + "mlp_norm.bias",)),
-            Tensor(hf + "mlp.c_fc.weight", (us + "mlp.up",), "conv"),
-            Tensor(hf + "mlp.c_fc.bias", (us + "mlp.up_bias",), "flat"),
-            Tensor(hf + "mlp.c_proj.weight", (us + "mlp.down",), "conv"),
-            Tensor(hf + "mlp.c_proj.bias", (us + "mlp.down_bias",), "flat"),
-        ]
-    return t
-
-
-def tensor_table(cfg: ModelConfig, arch: str, prefix: str = "transformer.") -> list[Tensor]:
-    if arch == "GPT2LMHeadModel":
-        return _gpt2_table(cfg, prefix)
-    return _decoder_table(cfg, arch)
-
-
-def _is_ignorable(name: str, cfg: ModelConfig) -> bool:
-    # Causal-mask buffers of old GPT-2 checkpoints, rotary caches, and a tied head saved anyway.
-    return name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")) or (
-        cfg.tie_embeddings and name == "lm_head.weight"
-    )
-
-
-# Shapes ----------------------------------------------------------------------------------------------
-def _split(shape, n_in):
-    return int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
-
-
-def hf_shape(entry: Tensor, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
-    if entry.layout == "same":
-        return shapes[0]
-    if entry.layout == "flat":
-        return (sum(int(np.prod(s)) for s in shapes),)
-    n_in = _split(shapes[0], entry.n_in)[0]
-    n_out = sum(_split(s, entry.n_in)[1] for s in shapes)
-    return (n_out, n_in) if entry.layout == "linear" else (n_in, n_out)
-
-
-def to_llmjax(entry: Tensor, arr: np.ndarray, shapes) -> list[np.ndarray]:
-    if entry.layout in ("same", "flat"):
-        parts = np.split(arr.reshape(-1), len(shapes)) if entry.layout == "flat" else [arr]
-        return [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
-    w = arr.T if entry.layout == "linear" else arr  # now [in, out]
-    parts = np.split(w, len(shapes), axis=1)
-    return [np.ascontiguousarray(p).reshape(s) for p, s in zip(parts, shapes, strict=True)]
-
-
-def to_hf_tensor(entry: Tensor, arrays: list[np.ndarray]) -> np.ndarray:
-    if entry.layout == "same":
-        return arrays[0]
-    if entry.layout == "flat":
-        return np.concatenate([a.reshape(-1) for a in arrays])
-    w = np.concatenate([a.reshape(_split(a.shape, entry.n_in)) for a in arrays], axis=1)
-    return np.ascontiguousarray(w.T if entry.layout == "linear" else w)
 
 
 # Reading -------------------------------------------------------------------------------------------
@@ -300,7 +168,8 @@ def load_tensors(
     ckpt = _Checkpoint(path)
     flat_shardings = _flatten(shardings) if shardings is not None else {}
     prefix = "transformer." if any(n.startswith("transformer.") for n in ckpt.names()) else ""
-    table = tensor_table(cfg, arch, prefix)
+    fused = any(n.endswith(".experts.gate_up_proj") for n in ckpt.names())
+    table = tensor_table(cfg, arch, prefix, fused_experts=fused)
     if head is not None:
         table = [e for e in table if e.hf != "lm_head.weight"] + list(head)
     missing = [e.hf for e in table if e.hf not in ckpt.where]
@@ -314,10 +183,11 @@ def load_tensors(
             "with these weights"
         )
     pdt = dtype_of(cfg.param_dtype)
-    flat = {}
+    flat, experts = {}, {}  # experts: [E, ...] parameters filled one expert's tensor at a time
     for entry in table:
         f = ckpt.where[entry.hf]
-        want = hf_shape(entry, [shapes[p] for p in entry.paths])
+        parts = [entry.part_shape(shapes[p]) for p in entry.paths]
+        want = hf_shape(entry, parts)
         if f.shape(entry.hf) != want:
             raise CheckpointError(
                 f"tensor {entry.hf!r} has shape {list(f.shape(entry.hf))}, expected "
@@ -331,14 +201,19 @@ def load_tensors(
                 "float weight; export the checkpoint in float32, bfloat16 or float16"
             )
         raw = f.get(entry.hf)
-        arrays = to_llmjax(entry, raw, [shapes[p] for p in entry.paths])
+        arrays = to_llmjax(entry, raw, parts)
         for p, a in zip(entry.paths, arrays, strict=True):
+            if entry.expert is not None:
+                experts.setdefault(p, np.empty(shapes[p], pdt))[entry.expert] = a
+                continue
             a = a.astype(pdt, copy=False)
             if np.may_share_memory(a, raw):
                 # jax on CPU adopts an aligned host buffer instead of copying it; a view of the
                 # file's mapping would tie the params to the file (an in-place rewrite changes them).
                 a = a.copy()
             flat[p] = jax.device_put(a, flat_shardings.get(p))
+    for p, a in experts.items():
+        flat[p] = jax.device_put(a, flat_shardings.get(p))
     return flat
 
 
@@ -440,13 +315,16 @@ def write_checkpoint(
     """Write the ``table``'s tensors from the flat arrays ``flat``, then ``hf`` as config.json."""
     pdt = np.dtype(dtype_of(cfg.param_dtype))
 
+    def part(entry, p):
+        return flat[p] if entry.expert is None else flat[p][entry.expert]
+
     def producer(entry):
         return lambda: to_hf_tensor(
-            entry, [np.asarray(jax.device_get(flat[p])) for p in entry.paths]
+            entry, [np.asarray(jax.device_get(part(entry, p))) for p in entry.paths]
         )
 
     entries = [
-        (e.hf, hf_shape(e, [tuple(flat[p].shape) for p in e.paths]), pdt, producer(e))
+        (e.hf, hf_shape(e, [e.part_shape(flat[p].shape) for p in e.paths]), pdt, producer(e))
         for e in table
     ]
     shards, current, size = [], [], 0

@@ -19,6 +19,8 @@ ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 MODEL_TYPES = {
     "GPT2LMHeadModel": "gpt2",
@@ -27,6 +29,8 @@ MODEL_TYPES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Sequence classifiers (reward models, critics): a causal LM's decoder with a ``score`` head.
 CLASSIFIERS = {
@@ -152,8 +156,12 @@ def _layer_pattern(hf: dict, arch: str, n_layers: int) -> tuple[str, ...]:
         if unknown:
             raise UnsupportedConfig(f"unsupported layer_types {sorted(unknown)}")
         return tuple(_LAYER_TYPES[t] for t in types[:n_layers])
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return ("local",) if hf.get("sliding_window") else ("global",)
+    if arch == "Qwen3MoeForCausalLM":  # one window for every layer when it is on
+        return (
+            ("local",) if hf.get("use_sliding_window") and hf.get("sliding_window") else ("global",)
+        )
     if arch == "Gemma2ForCausalLM":
         return ("local", "global")
     if arch == "Gemma3ForCausalLM":
@@ -217,8 +225,9 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         out_bias=bool(hf.get("attention_bias", False)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_embeddings=hf.get("tie_word_embeddings", gemma),
-        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"),
     )
+    cfg.update(_experts_from(hf, arch, n_layers))
     if gemma:
         cfg.update(
             norm_unit_offset=True,
@@ -233,8 +242,58 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     return ModelConfig(name=hf.get("_name_or_path") or MODEL_TYPES[arch], **{**cfg, **overrides})
 
 
+def _experts_from(hf: dict, arch: str, n_layers: int) -> dict:
+    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config (none for other families)."""
+    if arch == "MixtralForCausalLM":
+        return dict(
+            n_experts=_need(hf, "num_local_experts"),
+            experts_per_token=_need(hf, "num_experts_per_tok"),
+            expert_mlp_dim=_need(hf, "intermediate_size"),
+            router_norm_topk=True,
+            router_aux_coef=float(hf.get("router_aux_loss_coef", 0.0)),
+        )
+    if arch != "Qwen3MoeForCausalLM":
+        return {}
+    # transformers writes num_experts under its attribute-map name, published configs do not.
+    key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+    n_experts = hf.get(key) or 0
+    if not n_experts:
+        return {}
+    step = _need(hf, "decoder_sparse_step") if "decoder_sparse_step" in hf else 1
+    dense = set(hf.get("mlp_only_layers") or [])
+    return dict(
+        n_experts=_need(hf, key),
+        experts_per_token=_need(hf, "num_experts_per_tok"),
+        expert_mlp_dim=_need(hf, "moe_intermediate_size"),
+        router_norm_topk=bool(hf.get("norm_topk_prob", False)),
+        dense_layers=tuple(i for i in range(n_layers) if i in dense or (i + 1) % step),
+        router_aux_coef=float(hf.get("router_aux_loss_coef", 0.0)),
+    )
+
+
+def _experts_to(cfg: ModelConfig, arch: str) -> dict:
+    if arch == "MixtralForCausalLM":
+        return dict(
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            intermediate_size=cfg.resolved_expert_mlp_dim,
+            router_aux_loss_coef=cfg.router_aux_coef,
+        )
+    return dict(
+        num_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.experts_per_token,
+        moe_intermediate_size=cfg.resolved_expert_mlp_dim,
+        norm_topk_prob=cfg.router_norm_topk,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(cfg.dense_layers),
+        router_aux_loss_coef=cfg.router_aux_coef,
+    )
+
+
 def default_architecture(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a config most naturally exports to."""
+    if cfg.n_experts:
+        return "Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"
     if cfg.position == "learned":
         return "GPT2LMHeadModel"
     if cfg.post_norms:
@@ -308,8 +367,12 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
             hf["mlp_bias"] = cfg.mlp_bias
         if "local" in kinds:
             hf["sliding_window"] = cfg.sliding_window
-        elif arch == "MistralForCausalLM":
+        elif arch in ("MistralForCausalLM", "MixtralForCausalLM"):
             hf["sliding_window"] = None
+        if arch in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+            hf.update(_experts_to(cfg, arch))
+        if arch == "Qwen3MoeForCausalLM":
+            hf["use_sliding_window"] = "local" in kinds
         if arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
             hf["layer_types"] = [
                 "sliding_attention" if k == "local" else "full_attention" for k in kinds
@@ -339,8 +402,29 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
     return hf
 
 
-# Fields that describe how a model runs, not what it computes.
-_RUNTIME_FIELDS = ("name", "param_dtype", "dtype", "attention_impl", "remat", "init_std")
+# Fields that describe how a model runs or trains, not what it computes (a capacity-limited
+# dispatch is a training choice: the export computes every expert, as transformers does).
+_RUNTIME_FIELDS = (
+    "name",
+    "param_dtype",
+    "dtype",
+    "attention_impl",
+    "remat",
+    "init_std",
+    "router_z_coef",
+    "moe_dispatch",
+    "capacity_factor",
+)
+_MOE_FIELDS = (
+    "n_experts",
+    "experts_per_token",
+    "expert_mlp_dim",
+    "router",
+    "router_norm_topk",
+    "shared_expert_dim",
+    "dense_layers",
+    "router_aux_coef",
+)
 
 
 def _effective(cfg: ModelConfig) -> dict:
@@ -359,6 +443,12 @@ def _effective(cfg: ModelConfig) -> dict:
     )
     if "local" not in cfg.layer_kinds:
         out["sliding_window"] = None
+    if not cfg.n_experts:
+        out.update(dict.fromkeys(_MOE_FIELDS))
+    else:
+        out["expert_mlp_dim"] = cfg.resolved_expert_mlp_dim
+        if not cfg.dense_layers:  # no layer has the dense MLP: its width means nothing
+            out["mlp_dim"] = None
     return out
 
 

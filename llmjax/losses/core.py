@@ -52,16 +52,31 @@ def next_token_loss(model, z_loss: float = 0.0, accuracy: bool = False):
     (see ``llmjax.data.packing``); pretraining scores every target of a document, fine-tuning only
     the completion's (its data sets ``loss_mask``). Takes the model's parameters as ``params``;
     ``frozen`` is unused.
+
+    A mixture-of-experts model adds ``router_aux_coef * balance + router_z_coef * z`` with the
+    coefficients of its config (the losses over every real input token, see
+    ``llmjax.layers.moe.aux_losses``), reported as ``moe/balance_loss`` and ``moe/router_z_loss``.
     """
+    cfg = model.config
+    moe = cfg.n_experts > 0
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng  # no dropout in the model zoo's decoders
-        logits = model.apply(
-            params, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        out = model.apply(
+            params,
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            return_aux=moe,
         )
+        logits, moe_aux = out if moe else (out, None)
         loss, aux = masked_cross_entropy(
             logits, batch["targets"], batch["loss_mask"], z_loss, accuracy
         )
+        if moe:
+            balance, router_z = moe_aux["balance_loss"], moe_aux["router_z_loss"]
+            loss = loss + cfg.router_aux_coef * balance + cfg.router_z_coef * router_z
+            aux = {**aux, "moe/balance_loss": balance, "moe/router_z_loss": router_z}
         return loss, {**aux, "num_tokens": real_tokens(batch)}
 
     return loss_fn

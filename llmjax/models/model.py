@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from llmjax import axes
 from llmjax.config import ModelConfig, dtype_of
 from llmjax.errors import InputError
 from llmjax.models.transformer import MaskContext, Transformer
@@ -167,6 +168,16 @@ class Model:
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_params()))
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all but the experts it is not routed to (MoE models)."""
+        cfg, total = self.config, 0
+        for _, var in nnx.to_flat_state(self._abstract_state):
+            size = int(np.prod(var.shape))
+            if var.axes[0] == axes.EXPERTS:  # [E, ...]: each token runs k of the E experts
+                size = size // cfg.n_experts * cfg.experts_per_token
+            total += size
+        return total
+
     # Forward ---------------------------------------------------------------------------------------
     def apply(
         self,
@@ -179,6 +190,7 @@ class Model:
         cache: KVCache | None = None,
         logit_index=None,
         return_hidden: bool = False,
+        return_aux: bool = False,
     ):
         """Logits ``[B, T, V]`` (float32) for int tokens ``[B, T]``; with ``cache`` also the new cache.
 
@@ -190,6 +202,11 @@ class Model:
         ``return_hidden=True`` returns the final hidden states ``[B, T, D]`` (or ``[B, N, D]`` with
         ``logit_index``) in float32 instead: after the final norm, before the unembedding, which is
         not computed, so params without ``lm_head`` (a scorer's, see ``llmjax.scalar_head``) serve.
+
+        ``return_aux=True`` appends a dict of auxiliary losses to the result: ``(logits, aux)``,
+        or ``(logits, cache, aux)`` with a cache. A mixture-of-experts model's holds
+        ``balance_loss`` and ``router_z_loss`` (float32 scalars over the real tokens, see
+        ``llmjax.layers.moe.aux_losses``); a dense model's is empty.
 
         Inputs of the wrong shape or dtype, and a ``cache`` built for another batch size or model,
         raise ``InputError`` naming the argument, also under ``jax.jit`` (shapes are static). Values
@@ -245,9 +262,9 @@ class Model:
         state = jax.tree.map(lambda x: x, self._abstract_state)
         nnx.replace_by_pure_dict(state, params)
         module = nnx.merge(self._graphdef, state)
-        out, layers = module(tokens, positions, ctx, cache, logit_index, not return_hidden)
+        out, layers, aux = module(tokens, positions, ctx, cache, logit_index, not return_hidden)
         if cache is None:
-            return out
+            return (out, aux) if return_aux else out
         new_cache = KVCache(
             k=tuple(kv[0] for kv in layers),
             v=tuple(kv[1] for kv in layers),
@@ -255,7 +272,7 @@ class Model:
             length_B=cache.length_B + T,
             packed=packed,
         )
-        return out, new_cache
+        return (out, new_cache, aux) if return_aux else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""

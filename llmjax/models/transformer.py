@@ -12,6 +12,7 @@ from llmjax import axes
 from llmjax.config import ModelConfig, dtype_of
 from llmjax.layers.attention import Attention
 from llmjax.layers.mlp import MLP
+from llmjax.layers.moe import MoE, aux_losses
 from llmjax.layers.norms import Norm
 from llmjax.layers.params import dense
 from llmjax.layers.rope import rope_tables
@@ -34,13 +35,18 @@ class MaskContext:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block; with ``post_norms`` also normalises each sub-block's output."""
+    """Pre-norm residual block; with ``post_norms`` also normalises each sub-block's output.
+
+    The feed-forward is a dense MLP or, in a mixture-of-experts layer, ``MoE``, whose router
+    statistics the block returns (None for a dense layer).
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp_norm = Norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.moe = cfg.is_moe_layer(layer)
+        self.mlp = MoE(cfg, rngs=rngs) if self.moe else MLP(cfg, rngs=rngs)
         self.post_norms = cfg.post_norms
         if cfg.post_norms:
             self.attn_post_norm = Norm(cfg, cfg.d_model)
@@ -51,11 +57,15 @@ class Block(nnx.Module):
         if self.post_norms:
             h = self.attn_post_norm(h)
         x_BTD = x_BTD + h
-        h = self.mlp(self.mlp_norm(x_BTD))
+        stats = None
+        if self.moe:
+            h, stats = self.mlp(self.mlp_norm(x_BTD), ctx.q_seg_BT > 0)
+        else:
+            h = self.mlp(self.mlp_norm(x_BTD))
         if self.post_norms:
             h = self.mlp_post_norm(h)
         x_BTD = axes.constrain(x_BTD + h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
-        return x_BTD, cache
+        return x_BTD, cache, stats
 
 
 class Transformer(nnx.Module):
@@ -90,7 +100,7 @@ class Transformer(nnx.Module):
         x = axes.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
         tables = {}  # one cos/sin table per distinct RoPE config (global and local layers)
-        new_cache = []
+        new_cache, stats = [], None
         for i, block in enumerate(self.layers):
             rope_cs = None
             if cfg.position == "rope":
@@ -101,10 +111,14 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache[i]
             if cfg.remat != "none":
                 call = nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[cfg.remat])
-                x, layer_cache = call(block, x, rope_cs, ctx, layer_cache)
+                x, layer_cache, layer_stats = call(block, x, rope_cs, ctx, layer_cache)
             else:
-                x, layer_cache = block(x, rope_cs, ctx, layer_cache)
+                x, layer_cache, layer_stats = block(x, rope_cs, ctx, layer_cache)
             new_cache.append(layer_cache)
+            if layer_stats is not None:
+                stats = layer_stats if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+        aux = {} if stats is None else aux_losses(stats, cfg.n_experts)
+        new_cache = None if cache is None else tuple(new_cache)
 
         if logit_index_BN is not None:  # e.g. a prefill needs only the last prompt token's logits
             x = jnp.take_along_axis(x, logit_index_BN[:, :, None], axis=1)
@@ -113,7 +127,7 @@ class Transformer(nnx.Module):
             x = axes.constrain(
                 x.astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
             )
-            return x, (None if cache is None else tuple(new_cache))
+            return x, new_cache, aux
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, self.embed[...].astype(dt))
         else:
@@ -123,4 +137,4 @@ class Transformer(nnx.Module):
             cap = cfg.final_logit_softcap
             logits = cap * jnp.tanh(logits / cap)
         logits = axes.constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
-        return logits, (None if cache is None else tuple(new_cache))
+        return logits, new_cache, aux
