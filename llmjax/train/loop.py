@@ -82,9 +82,17 @@ def model_differences(config, meta: dict) -> list[str]:
 
     ``config`` is a ``TrainConfig`` (its ``model``) or a ``ModelConfig``.
     """
+    from llmjax.config import model_config_from_dict
+
     model = getattr(config, "model", config)
+    saved = meta["config"]["model"]
+    # A field added since the checkpoint was written takes its default there: the model it
+    # trained is that default's (a dense model has no experts).
+    # A config this version cannot rebuild is compared as it was saved.
+    with contextlib.suppress(TypeError, ValueError):
+        saved = {**to_dict(model_config_from_dict(saved)), **saved}
     # Compare as JSON sees them: tuples come back from the checkpoint as lists.
-    saved, now = meta["config"]["model"], json.loads(json.dumps(to_dict(model)))
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(to_dict(model)))
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
 
 

@@ -141,3 +141,20 @@ def test_state_shardings_follow_the_parameters():
     mu = sh["opt_state"][1][0].mu
     assert jax.tree.map(lambda s: s.spec, mu) == jax.tree.map(lambda s: s.spec, sh["params"])
     assert sh["step"].spec == PartitionSpec()
+
+
+def test_a_checkpoint_from_before_a_new_model_field_still_matches():
+    """A field added since a checkpoint was written (the MoE fields, say) takes its default there:
+    the run resumes instead of being refused as another model."""
+    from llmjax.train.config import to_dict
+    from llmjax.train.loop import model_differences
+
+    model = llmjax.presets.get("llama3-tiny")
+    saved = to_dict(model)
+    for field in ("n_experts", "experts_per_token", "router", "dense_layers"):
+        saved.pop(field)
+    assert model_differences(model, {"config": {"model": saved}}) == []
+    saved["mlp_dim"] = model.resolved_mlp_dim + 8
+    assert model_differences(model, {"config": {"model": saved}}) == [
+        f"mlp_dim: {model.resolved_mlp_dim + 8} -> {to_dict(model)['mlp_dim']!r}"
+    ]
