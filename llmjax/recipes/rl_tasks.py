@@ -59,6 +59,8 @@ def _adder(digits: int, digits_b: int | None = None) -> Callable[[random.Random]
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
+    # sft_tasks' own sampler: a seed gives the same prompts in both modules, and the held-out
+    # split is shared.
     prompt, completion = sft_tasks.TASKS["reverse"](rng)
     return prompt, completion.strip()
 
