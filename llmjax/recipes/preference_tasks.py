@@ -9,12 +9,11 @@ word said twice, an answer that does not know when to stop.
   habit is ``" data from list list"``.
 - ``sort``: the answer is alphabetical order; the habit repeats its last word.
 
-Why this habit: a small model learns to reverse only from records that show every step of it. In
-a mix where three records in four teach something else the skill is not learned at all (for the
-3.7M-parameter base of ``bench/preference_learns.py``, 800 to 2,000 fine-tuning steps on mixes
-whose wrong answers copied the words, or stopped a word short, left under 1% of samples right).
-With the habit an extension of the answer, every record teaches the whole answer, and the mix
-decides one token: the end, or the last word again.
+Why this habit: a small model learns to reverse only from records that show every step of it;
+in a mix where most records teach something else (copying the words, say) it learns neither
+well enough to sample right answers (docs/benchmarks.md, "Preference tuning learns"). With the
+habit an extension of the answer every record teaches the whole answer, and the mix decides one
+token: the end, or the last word again.
 
 Two kinds of records, one JSON object a line:
 
@@ -45,7 +44,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from llmjax.errors import ConfigError, DataError, LlmjaxError
+from llmjax.errors import ConfigError, DataError, LlmjaxError, UnknownName
 from llmjax.recipes import sft_tasks
 from llmjax.recipes.sft_tasks import SPLITS, WORDS, is_heldout
 
@@ -166,9 +165,8 @@ def records(
     The prompts are ``sft_tasks.records(task, n, seed, split)``'s: the split follows the prompt
     alone, so no training file of either kind shares a prompt with a held-out one.
     """
-    if task not in TASKS:
-        # sft_tasks has tasks without a permutation answer; name only those this module rates.
-        raise ConfigError(f"unknown preference task {task!r}; tasks: {', '.join(TASKS)}")
+    if task not in TASKS:  # sft_tasks has more: those without an order of the words to rate
+        raise UnknownName(f"unknown preference task {task!r}; tasks: {', '.join(TASKS)}")
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r}: give one of {KINDS}")
     prompts = [r["prompt"] for r in sft_tasks.records(task, n, seed, split)]
@@ -183,13 +181,13 @@ def records(
     habitual = _exactly(habit_fraction, n, rng)
     rows = []
     for i, p in enumerate(prompts):
+        chosen = answer(p)
         if i in habitual:
             rejected = habit(p)
         else:
-            _, words = _parse(p)
-            others = [_text(o) for o in itertools.permutations(words)]
-            rejected = rng.choice([o for o in others if o not in (answer(p), habit(p))])
-        rows.append({"prompt": p, "chosen": answer(p), "rejected": rejected})
+            orders = [_text(o) for o in itertools.permutations(_parse(p)[1])]
+            rejected = rng.choice([o for o in orders if o != chosen])
+        rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
     return rows
 
 
