@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmjax.errors import ConfigError, DataError
+from llmjax.errors import ConfigError, DataError, UnknownName
 from llmjax.recipes import preference_tasks as pt
 
 
@@ -107,5 +107,5 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         pt.main([*args, "--correct-fraction", "1.5"])
     assert info.value.code == 2 and "[0, 1]" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="unknown preference task"):
+    with pytest.raises(UnknownName, match="unknown preference task"):
         pt.records("add", 1)
