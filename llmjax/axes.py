@@ -45,9 +45,19 @@ ACT_HEADS = "activation_heads"
 ACT_KV_HEADS = "activation_kv_heads"
 ACT_MLP = "activation_mlp"
 ACT_VOCAB = "activation_vocab"
+ACT_EXPERTS = "activation_experts"  # the mesh axis experts are split over
 
 PARAM_NAMES = (EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERTS, LAYERS, POSITIONS, NORM)
-ACTIVATION_NAMES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
+ACTIVATION_NAMES = (
+    ACT_BATCH,
+    ACT_LENGTH,
+    ACT_EMBED,
+    ACT_HEADS,
+    ACT_KV_HEADS,
+    ACT_MLP,
+    ACT_VOCAB,
+    ACT_EXPERTS,
+)
 
 
 # --- activation constraints -------------------------------------------------------------------

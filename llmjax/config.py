@@ -124,9 +124,13 @@ class ModelConfig:
     router: str = "softmax"  # softmax over experts, then top-k; "sigmoid": per-expert scores
     router_norm_topk: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral: yes)
     shared_expert_dim: int = 0  # width of an always-on gated MLP beside the experts (0: none)
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x . w), w [D] (Qwen2-MoE)
     dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP of width mlp_dim
     router_aux_coef: float = 0.0  # weight of the load-balancing loss (next_token_loss adds it)
     router_z_coef: float = 0.0  # weight of the router z-loss
+    # DeepSeek-V3's auxiliary-loss-free balancing: gamma, the step of a per-expert selection bias
+    # (llmjax.layers.moe.route, llmjax.train.optim); 0: no bias.
+    router_bias_update: float = 0.0
     moe_dispatch: str = "dropless"  # "capacity": at most capacity_factor * fair share per expert
     capacity_factor: float = 1.25
 
@@ -214,6 +218,17 @@ class ModelConfig:
             "dense_layers",
             f"must be a tuple of distinct layer indices in [0, n_layers={self.n_layers})",
         )
+        need(
+            0 <= self.router_bias_update < float("inf"),
+            "router_bias_update",
+            "must be >= 0 and finite (0: no selection bias; DeepSeek-V3 used 0.001)",
+        )
+        need(
+            self.n_experts or not self.router_bias_update,
+            "router_bias_update",
+            "balances the load of experts, and n_experts=0 means there are none; set n_experts "
+            "> 0 or router_bias_update=0",
+        )
         if not self.n_experts:
             return
         need(
@@ -229,6 +244,12 @@ class ModelConfig:
         )
         need(self.router in ROUTERS, "router", f"expected one of {ROUTERS}")
         need(self.shared_expert_dim >= 0, "shared_expert_dim", "must be >= 0 (0: no shared expert)")
+        need(
+            not self.shared_expert_gate or self.shared_expert_dim > 0,
+            "shared_expert_gate",
+            "gates the shared expert, and shared_expert_dim=0 means there is none; set "
+            "shared_expert_dim > 0 or shared_expert_gate=False",
+        )
         need(
             self.gated_mlp,
             "gated_mlp",

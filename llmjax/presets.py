@@ -97,6 +97,27 @@ def qwen3_moe(name, **kw):
     return ModelConfig(name=name, **{**base, **kw})
 
 
+def qwen2_moe(name, **kw):
+    """Qwen2's decoder (q/k/v biases, no q/k norms) with routed experts beside a shared expert.
+
+    Every MoE layer adds ``sigmoid(x . shared_gate)`` times a gated MLP of width
+    ``shared_expert_dim`` to the routed experts' output; routing weights are not renormalised.
+    """
+    base = dict(
+        vocab_size=151936,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        activation="silu",
+        gated_mlp=True,
+        tie_embeddings=False,
+        rope=RopeConfig(theta=1_000_000.0),
+        router_norm_topk=False,
+        shared_expert_gate=True,
+        router_aux_coef=0.001,
+    )
+    return ModelConfig(name=name, **{**base, **kw})
+
+
 def gemma(name, **kw):
     """Gemma 2 and 3 share RMSNorm(1 + w), sandwich norms, GeGLU and scaled embeddings."""
     base = dict(
@@ -351,6 +372,34 @@ PRESETS: dict[str, ModelConfig] = {
             n_experts=8,
             experts_per_token=2,
             expert_mlp_dim=32,
+            dense_layers=(1,),
+        ),
+        qwen2_moe(
+            "qwen1.5-moe-a2.7b",
+            d_model=2048,
+            n_layers=24,
+            n_heads=16,
+            n_kv_heads=16,
+            mlp_dim=5632,
+            max_seq_len=32768,
+            n_experts=60,
+            experts_per_token=4,
+            expert_mlp_dim=1408,
+            shared_expert_dim=5632,
+        ),
+        qwen2_moe(
+            "qwen2-moe-tiny",
+            vocab_size=512,
+            d_model=64,
+            n_layers=3,
+            n_heads=4,
+            n_kv_heads=2,
+            mlp_dim=128,
+            max_seq_len=256,
+            n_experts=8,
+            experts_per_token=2,
+            expert_mlp_dim=32,
+            shared_expert_dim=64,
             dense_layers=(1,),
         ),
     ]

@@ -48,6 +48,16 @@ CONFIGS = {
     "qwen3_moe": lambda **kw: transformers.Qwen3MoeConfig(
         **{**BASE, "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32, **kw}
     ),
+    "qwen2_moe": lambda **kw: transformers.Qwen2MoeConfig(
+        **{
+            **BASE,
+            "num_experts": 6,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            **kw,
+        }
+    ),
     "gpt2": lambda **kw: transformers.GPT2Config(
         **{"vocab_size": 97, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 128, **kw}
     ),
@@ -60,6 +70,7 @@ CLASSES = {
     "gemma3": "Gemma3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 

@@ -1,4 +1,5 @@
-"""Mixture of experts: HF parity for Mixtral and Qwen3-MoE, dispatch against a per-token reference,
+"""Mixture of experts: HF parity for Mixtral, Qwen3-MoE and Qwen2-MoE, dispatch against a per-token
+reference,
 router invariants, the balancing loss against transformers', gradients, presets and model invariants.
 """
 
@@ -12,7 +13,7 @@ from flax import nnx
 
 import llmjax
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.interop.hf_config import UnsupportedConfig
+from llmjax.interop.hf_config import UnsupportedConfig, config_from_hf
 from llmjax.layers.moe import MoE, aux_losses, route, router_stats
 from llmjax.losses import next_token_loss
 from tests import test_model
@@ -22,7 +23,8 @@ TOL = 1e-4
 
 VARIANTS = [
     # family, HF config overrides, whether transformers writes its fused in-memory expert layout;
-    # together they vary E, k, norm_topk_prob, sparse steps, dense layers and sliding windows.
+    # together they vary E, k, norm_topk_prob, sparse steps, dense layers, sliding windows and
+    # (Qwen2-MoE) q/k/v biases beside the gated shared expert.
     ("mixtral", {}, False),
     ("mixtral", {"num_local_experts": 5, "num_experts_per_tok": 3, "sliding_window": 4}, True),
     ("qwen3_moe", {}, False),  # norm_topk_prob=False, transformers' default
@@ -46,6 +48,28 @@ VARIANTS = [
         },
         True,
     ),
+    ("qwen2_moe", {}, False),  # norm_topk_prob=False, q/k/v biases: Qwen1.5-MoE's choices
+    (
+        "qwen2_moe",
+        {
+            "norm_topk_prob": True,
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "decoder_sparse_step": 2,
+        },
+        True,
+    ),
+    (
+        "qwen2_moe",
+        {  # windows on layers 0 and 2 (transformers' rule), layer 0 dense
+            "mlp_only_layers": [0],
+            "use_sliding_window": True,
+            "sliding_window": 4,
+            "max_window_layers": 3,
+            "qkv_bias": False,
+        },
+        False,
+    ),
 ]
 
 
@@ -59,7 +83,8 @@ def test_logits_match_transformers(tmp_path, family, overrides, fused):
     hf = build_hf(family, **overrides)
     hf.save_pretrained(tmp_path, save_original_format=not fused)
     model, params = llmjax.from_hf(tmp_path)
-    assert model.config.n_experts == hf.config.num_local_experts
+    key = "num_local_experts" if family == "mixtral" else "num_experts"
+    assert model.config.n_experts == getattr(hf.config, key)
     tokens = random_tokens(2, 13)
     logits = jax.jit(model.apply)(params, tokens)
     diff = np.abs(np.asarray(logits) - hf_logits(hf, tokens)).max()
@@ -91,7 +116,7 @@ def test_padded_batch_logits_and_balancing_loss_match_transformers(tmp_path):
     np.testing.assert_allclose(float(aux["balance_loss"]), float(ref.aux_loss), rtol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3-moe-tiny"])
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, preset):
     model = llmjax.build(preset, init_std=0.2)  # weights large enough for routing to matter
     params = model.init(jax.random.key(3))
@@ -116,7 +141,26 @@ def test_configs_transformers_cannot_express_are_refused(tmp_path):
     sigmoid = llmjax.build("qwen3-moe-tiny", router="sigmoid")
     with pytest.raises(UnsupportedConfig, match="router"):
         llmjax.to_hf(sigmoid, sigmoid.abstract_params(), tmp_path)
+    ungated = llmjax.build("qwen2-moe-tiny", shared_expert_gate=False)
+    with pytest.raises(UnsupportedConfig, match="shared_expert_gate"):
+        llmjax.to_hf(ungated, ungated.abstract_params(), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_qwen2_moe_windows_without_layer_types_follow_transformers():
+    """Configs written before ``layer_types`` existed: the windowed layers transformers derives."""
+    hf = transformers.Qwen2MoeConfig(
+        num_hidden_layers=7, use_sliding_window=True, sliding_window=4, max_window_layers=5
+    ).to_dict()
+    kinds = [
+        {"sliding_attention": "local", "full_attention": "global"}[t] for t in hf["layer_types"]
+    ]
+    assert "local" in kinds and "global" in kinds
+    del hf["layer_types"]
+    hf["architectures"] = ["Qwen2MoeForCausalLM"]
+    assert list(config_from_hf(hf).layer_kinds) == kinds
+    hf["use_sliding_window"] = False  # transformers then sets the window to 0: no layer has one
+    assert set(config_from_hf(hf).layer_kinds) == {"global"}
 
 
 # The layer against a per-token reference ------------------------------------------------------
@@ -332,6 +376,9 @@ def test_dense_models_are_unchanged_and_return_empty_aux():
 PUBLISHED = {
     "mixtral-8x7b": (46_702_792_704, 12_879_925_248),  # 46.7B / 12.9B
     "qwen3-30b-a3b": (30_532_122_624, 3_353_032_704),  # 30.5B / 3.3B
+    # 14.3B / 2.7B. "A2.7B" counts the embedding and the untied head (2 x 311M): without them a
+    # token uses 2.07B, the published "2.0B activated non-embedding parameters".
+    "qwen1.5-moe-a2.7b": (14_315_784_192, 2_689_173_504),
 }
 
 
@@ -365,3 +412,5 @@ def test_bad_moe_configs_name_the_field():
         llmjax.build("mixtral-tiny", moe_dispatch="drop")
     with pytest.raises(ConfigError, match="gated_mlp=False: experts are gated"):
         llmjax.build("mixtral-tiny", gated_mlp=False)
+    with pytest.raises(ConfigError, match="shared_expert_gate=True: gates the shared expert"):
+        llmjax.build("qwen2-moe-tiny", shared_expert_dim=0)

@@ -21,6 +21,7 @@ ARCHITECTURES = (
     "Gemma3ForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM",
 )
 MODEL_TYPES = {
     "GPT2LMHeadModel": "gpt2",
@@ -31,6 +32,7 @@ MODEL_TYPES = {
     "Gemma3ForCausalLM": "gemma3_text",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # Sequence classifiers (reward models, critics): a causal LM's decoder with a ``score`` head.
 CLASSIFIERS = {
@@ -150,6 +152,10 @@ def _ropes(hf: dict) -> tuple[RopeConfig, RopeConfig | None]:
 
 
 def _layer_pattern(hf: dict, arch: str, n_layers: int) -> tuple[str, ...]:
+    if arch == "Qwen2MoeForCausalLM" and not (
+        hf.get("use_sliding_window") and hf.get("sliding_window")
+    ):  # transformers sets the window to 0 unless use_sliding_window, whatever layer_types say
+        return ("global",)
     if hf.get("layer_types"):
         types = hf["layer_types"]
         unknown = set(types) - set(_LAYER_TYPES)
@@ -162,6 +168,9 @@ def _layer_pattern(hf: dict, arch: str, n_layers: int) -> tuple[str, ...]:
         return (
             ("local",) if hf.get("use_sliding_window") and hf.get("sliding_window") else ("global",)
         )
+    if arch == "Qwen2MoeForCausalLM":  # transformers' rule: even layers below max_window_layers
+        first = hf.get("max_window_layers", 28)
+        return tuple("local" if i % 2 == 0 and i < first else "global" for i in range(n_layers))
     if arch == "Gemma2ForCausalLM":
         return ("local", "global")
     if arch == "Gemma3ForCausalLM":
@@ -228,6 +237,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM"),
     )
     cfg.update(_experts_from(hf, arch, n_layers))
+    if arch == "Qwen2MoeForCausalLM":  # biases on q, k and v only, on unless qkv_bias says no
+        cfg.update(qkv_bias=bool(hf.get("qkv_bias", True)), out_bias=False)
     if gemma:
         cfg.update(
             norm_unit_offset=True,
@@ -243,7 +254,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 
 def _experts_from(hf: dict, arch: str, n_layers: int) -> dict:
-    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config (none for other families)."""
+    """The mixture-of-experts fields of a Mixtral, Qwen3-MoE or Qwen2-MoE config (none for others)."""
     if arch == "MixtralForCausalLM":
         return dict(
             n_experts=_need(hf, "num_local_experts"),
@@ -252,7 +263,7 @@ def _experts_from(hf: dict, arch: str, n_layers: int) -> dict:
             router_norm_topk=True,
             router_aux_coef=float(hf.get("router_aux_loss_coef", 0.0)),
         )
-    if arch != "Qwen3MoeForCausalLM":
+    if arch not in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
         return {}
     # transformers writes num_experts under its attribute-map name, published configs do not.
     key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
@@ -261,7 +272,7 @@ def _experts_from(hf: dict, arch: str, n_layers: int) -> dict:
         return {}
     step = _need(hf, "decoder_sparse_step") if "decoder_sparse_step" in hf else 1
     dense = set(hf.get("mlp_only_layers") or [])
-    return dict(
+    out = dict(
         n_experts=_need(hf, key),
         experts_per_token=_need(hf, "num_experts_per_tok"),
         expert_mlp_dim=_need(hf, "moe_intermediate_size"),
@@ -269,6 +280,12 @@ def _experts_from(hf: dict, arch: str, n_layers: int) -> dict:
         dense_layers=tuple(i for i in range(n_layers) if i in dense or (i + 1) % step),
         router_aux_coef=float(hf.get("router_aux_loss_coef", 0.0)),
     )
+    if arch == "Qwen2MoeForCausalLM":  # every MoE layer also runs a sigmoid-gated shared expert
+        out.update(
+            shared_expert_dim=_need(hf, "shared_expert_intermediate_size"),
+            shared_expert_gate=True,
+        )
+    return out
 
 
 def _experts_to(cfg: ModelConfig, arch: str) -> dict:
@@ -279,7 +296,7 @@ def _experts_to(cfg: ModelConfig, arch: str) -> dict:
             intermediate_size=cfg.resolved_expert_mlp_dim,
             router_aux_loss_coef=cfg.router_aux_coef,
         )
-    return dict(
+    out = dict(
         num_experts=cfg.n_experts,
         num_experts_per_tok=cfg.experts_per_token,
         moe_intermediate_size=cfg.resolved_expert_mlp_dim,
@@ -288,11 +305,21 @@ def _experts_to(cfg: ModelConfig, arch: str) -> dict:
         mlp_only_layers=list(cfg.dense_layers),
         router_aux_loss_coef=cfg.router_aux_coef,
     )
+    if arch == "Qwen2MoeForCausalLM":
+        if not cfg.shared_expert_dim:
+            raise UnsupportedConfig(
+                "Qwen2MoeForCausalLM has a gated shared expert in every MoE layer; set "
+                "shared_expert_dim and shared_expert_gate=True, or export as Qwen3MoeForCausalLM"
+            )
+        out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
+    return out
 
 
 def default_architecture(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a config most naturally exports to."""
     if cfg.n_experts:
+        if cfg.shared_expert_dim:
+            return "Qwen2MoeForCausalLM"
         return "Qwen3MoeForCausalLM" if cfg.qk_norm else "MixtralForCausalLM"
     if cfg.position == "learned":
         return "GPT2LMHeadModel"
@@ -369,10 +396,15 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
             hf["sliding_window"] = cfg.sliding_window
         elif arch in ("MistralForCausalLM", "MixtralForCausalLM"):
             hf["sliding_window"] = None
-        if arch in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+        if arch in ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
             hf.update(_experts_to(cfg, arch))
-        if arch == "Qwen3MoeForCausalLM":
+        if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
             hf["use_sliding_window"] = "local" in kinds
+        if arch == "Qwen2MoeForCausalLM":
+            hf["qkv_bias"] = hf.pop("attention_bias")
+            hf["layer_types"] = [
+                "sliding_attention" if k == "local" else "full_attention" for k in kinds
+            ]
         if arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
             hf["layer_types"] = [
                 "sliding_attention" if k == "local" else "full_attention" for k in kinds
@@ -422,6 +454,7 @@ _MOE_FIELDS = (
     "router",
     "router_norm_topk",
     "shared_expert_dim",
+    "shared_expert_gate",
     "dense_layers",
     "router_aux_coef",
 )

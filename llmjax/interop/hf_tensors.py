@@ -5,10 +5,11 @@ same table, so a name or a transpose is written down once.
 
 Mixture-of-experts checkpoints come in two layouts. Published ones (and what ``save_pretrained``
 writes by default) hold one matrix per expert: ``block_sparse_moe.experts.{e}.w1.weight`` (Mixtral)
-or ``mlp.experts.{e}.gate_proj.weight`` (Qwen3-MoE), each entry filling expert ``e`` of an llmjax
-``[E, ...]`` parameter. transformers 5 keeps experts fused in memory (``mlp.experts.gate_up_proj``
-``[E, 2F, D]``, ``mlp.experts.down_proj`` ``[E, D, F]``) and writes that with
-``save_original_format=False``; both are read, the per-expert one is written.
+or ``mlp.experts.{e}.gate_proj.weight`` (Qwen3-MoE, Qwen2-MoE), each entry filling expert ``e`` of
+an llmjax ``[E, ...]`` parameter. transformers 5 keeps experts fused in memory
+(``mlp.experts.gate_up_proj`` ``[E, 2F, D]``, ``mlp.experts.down_proj`` ``[E, D, F]``) and writes
+that with ``save_original_format=False``; both are read, the per-expert one is written. Qwen2-MoE's
+shared expert (``mlp.shared_expert.*``, ``mlp.shared_expert_gate``) is stored the same way in both.
 """
 
 from __future__ import annotations
@@ -43,6 +44,19 @@ class Tensor:
         return tuple(shape[1:]) if self.expert is not None else tuple(shape)
 
 
+def _shared_entries(cfg: ModelConfig, hf: str, us: str) -> list[Tensor]:
+    """Qwen2-MoE's shared expert (a plain gated MLP) and its ``[1, D]`` gate, llmjax's ``[D]``."""
+    if not cfg.shared_expert_dim:
+        return []
+    t = [
+        Tensor(f"{hf}mlp.shared_expert.{n}_proj.weight", (f"{us}mlp.shared.{n}",), "linear")
+        for n in ("gate", "up", "down")
+    ]
+    if cfg.shared_expert_gate:
+        t.append(Tensor(hf + "mlp.shared_expert_gate.weight", (us + "mlp.shared_gate",), "linear"))
+    return t
+
+
 def _moe_entries(cfg: ModelConfig, arch: str, hf: str, us: str, fused: bool) -> list[Tensor]:
     gate, up, down, router = (us + f"mlp.{n}" for n in ("gate", "up", "down", "router"))
     if fused:
@@ -50,12 +64,13 @@ def _moe_entries(cfg: ModelConfig, arch: str, hf: str, us: str, fused: bool) -> 
             Tensor(hf + "mlp.gate.weight", (router,), "linear"),
             Tensor(hf + "mlp.experts.gate_up_proj", (gate, up), "experts"),
             Tensor(hf + "mlp.experts.down_proj", (down,), "experts"),
+            *_shared_entries(cfg, hf, us),
         ]
     if arch == "MixtralForCausalLM":
         moe, names = hf + "block_sparse_moe.", ("w1", "w3", "w2")
     else:
         moe, names = hf + "mlp.", ("gate_proj", "up_proj", "down_proj")
-    t = [Tensor(moe + "gate.weight", (router,), "linear")]
+    t = [Tensor(moe + "gate.weight", (router,), "linear"), *_shared_entries(cfg, hf, us)]
     for e in range(cfg.n_experts):
         t += [
             Tensor(f"{moe}experts.{e}.{n}.weight", (p,), "linear", expert=e)

@@ -22,18 +22,36 @@ from flax import nnx
 
 from llmjax import axes
 from llmjax.config import ModelConfig, dtype_of
+from llmjax.layers import expert_parallel
 from llmjax.layers.mlp import ACTIVATION_FNS, MLP
 from llmjax.layers.params import dense, project
 
+# The name of the per-expert selection bias in every MoE layer's parameters: the optimizer finds
+# these leaves by it (``llmjax.train.optim``).
+SELECTION_BIAS = "selection_bias"
 
-def route(logits_NE, k: int, kind: str = "softmax", norm_topk: bool = True):
+
+def route(
+    logits_NE,
+    k: int,
+    kind: str = "softmax",
+    norm_topk: bool = True,
+    bias_E=None,
+    mask_N=None,
+):
     """``(weights_NR, experts_NR, probs_NE)``: each token's k experts, their weights, all scores.
 
     ``softmax`` (Mixtral, Qwen3-MoE): probabilities over all experts, the k largest kept.
-    ``sigmoid`` (DeepSeek-V3's scoring, without its selection bias or expert groups): an
-    independent score per expert; ``probs_NE`` are then the scores normalised per token, which
-    is what the balancing loss compares with the load. ``norm_topk`` rescales the k weights of
-    each token to sum to 1. Ties go to the lower expert index.
+    ``sigmoid`` (DeepSeek-V3's scoring, without its expert groups): an independent score per
+    expert; ``probs_NE`` are then the scores normalised per token, which is what the balancing
+    loss compares with the load. ``norm_topk`` rescales the k weights of each token to sum to 1.
+    Ties go to the lower expert index.
+
+    ``bias_E`` is DeepSeek-V3's auxiliary-loss-free balancing bias: added to the scores to choose
+    the k experts, while the weights stay the unbiased scores of the chosen ones. Choosing is
+    discrete, so its true gradient is zero; its gradient here is instead a pseudo-gradient, this
+    call's load per expert minus the mean load over the real tokens (``mask_N``; all when None),
+    whatever the loss, which ``llmjax.train.optim`` turns into ``-gamma * sign``.
     """
     logits_NE = logits_NE.astype(jnp.float32)
     if kind == "softmax":
@@ -42,10 +60,49 @@ def route(logits_NE, k: int, kind: str = "softmax", norm_topk: bool = True):
     else:
         scores_NE = jax.nn.sigmoid(logits_NE)
         probs_NE = scores_NE / scores_NE.sum(-1, keepdims=True)
-    weights_NR, experts_NR = jax.lax.top_k(scores_NE, k)
+    if bias_E is None:
+        weights_NR, experts_NR = jax.lax.top_k(scores_NE, k)
+    else:
+        biased_NE = scores_NE + jax.lax.stop_gradient(bias_E).astype(jnp.float32)
+        _, experts_NR = jax.lax.top_k(biased_NE, k)
+        weights_NR = jnp.take_along_axis(scores_NE, experts_NR, axis=-1)
+        if mask_N is None:
+            mask_N = jnp.ones(experts_NR.shape[:1], bool)
+        load_E = expert_load(experts_NR, mask_N, logits_NE.shape[-1])
+        weights_NR = _with_load_gradient(weights_NR, bias_E, load_E)
     if norm_topk:
         weights_NR = weights_NR / weights_NR.sum(-1, keepdims=True)
     return weights_NR, experts_NR, probs_NE
+
+
+@jax.custom_vjp
+def _with_load_gradient(weights_NR, bias_E, load_E):
+    # The identity on the weights, so the bias can receive its pseudo-gradient through them:
+    # every real loss reaches the weights, so its backward pass always runs this one.
+    del bias_E, load_E
+    return weights_NR
+
+
+def _with_load_gradient_fwd(weights_NR, bias_E, load_E):
+    return weights_NR, ((load_E - load_E.mean()).astype(bias_E.dtype), load_E)
+
+
+def _with_load_gradient_bwd(res, ct_NR):
+    # The cotangent is not scaled into the pseudo-gradient: loads summed over micro-batches (and
+    # over the devices of a batch) are then the step's loads, whatever each micro-batch weighs.
+    excess_E, load_E = res
+    return ct_NR, excess_E, jnp.zeros_like(load_E)
+
+
+_with_load_gradient.defvjp(_with_load_gradient_fwd, _with_load_gradient_bwd)
+
+
+def expert_load(experts_NR, mask_N, n_experts: int):
+    """Assignments per expert ``[E]`` (float32) over the real tokens ``mask_N``, no gradient."""
+    R = experts_NR.shape[-1]
+    m_A = jnp.repeat(mask_N.astype(jnp.float32), R)
+    load_E = jnp.zeros((n_experts,), jnp.float32).at[experts_NR.reshape(-1)].add(m_A)
+    return jax.lax.stop_gradient(load_E)
 
 
 def router_stats(logits_NE, experts_NR, probs_NE, mask_N) -> dict:
@@ -54,13 +111,10 @@ def router_stats(logits_NE, experts_NR, probs_NE, mask_N) -> dict:
     ``load``: assignments per expert ``[E]``; ``prob``: router probability per expert ``[E]``;
     ``tokens``: real tokens; ``z``: sum of ``logsumexp(logits) ** 2``.
     """
-    E = logits_NE.shape[-1]
     m_N = mask_N.astype(jnp.float32)
-    R = experts_NR.shape[-1]
-    load_E = jnp.zeros((E,), jnp.float32).at[experts_NR.reshape(-1)].add(jnp.repeat(m_N, R))
     lse_N = jax.nn.logsumexp(logits_NE.astype(jnp.float32), axis=-1)
     return {
-        "load": jax.lax.stop_gradient(load_E),
+        "load": expert_load(experts_NR, mask_N, logits_NE.shape[-1]),
         "prob": (probs_NE * m_N[:, None]).sum(0),
         "tokens": m_N.sum(),
         "z": (jnp.square(lse_N) * m_N).sum(),
@@ -97,7 +151,11 @@ def _unsort(y_AD, order_A):
 
 
 class MoE(nnx.Module):
-    """Router ``[D, E]`` and experts ``gate, up [E, D, F]``, ``down [E, F, D]``; optional shared MLP."""
+    """Router ``[D, E]``, experts ``gate, up [E, D, F]``, ``down [E, F, D]``; optional shared MLP.
+
+    A shared MLP runs on every token; ``shared_expert_gate`` scales its output per token by
+    ``sigmoid(x . shared_gate)`` (Qwen2-MoE).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, E, F = cfg.d_model, cfg.n_experts, cfg.resolved_expert_mlp_dim
@@ -106,15 +164,25 @@ class MoE(nnx.Module):
         self.dispatch, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
         self.act, self.dtype = ACTIVATION_FNS[cfg.activation], dtype_of(cfg.dtype)
         self.router = dense(cfg, rngs, (D, E), (axes.EMBED, axes.EXPERTS))
+        self.has_selection_bias = cfg.router_bias_update > 0
+        if self.has_selection_bias:  # named SELECTION_BIAS
+            # float32 whatever param_dtype: bfloat16 steps of 0.001 vanish once |bias| > 1/4.
+            bias_E = jnp.zeros((E,), jnp.float32)
+            self.selection_bias = nnx.Param(bias_E, axes=(axes.EXPERTS,))
         self.gate = dense(cfg, rngs, (E, D, F), (axes.EXPERTS, axes.EMBED, axes.MLP))
         self.up = dense(cfg, rngs, (E, D, F), (axes.EXPERTS, axes.EMBED, axes.MLP))
         self.down = dense(
             cfg, rngs, (E, F, D), (axes.EXPERTS, axes.MLP, axes.EMBED), depth_scaled=True
         )
         if cfg.shared_expert_dim:
-            shared = cfg.replace(mlp_dim=cfg.shared_expert_dim, n_experts=0, dense_layers=())
-            self.shared = MLP(shared, rngs=rngs)
+            # Only the width changes: the config stays valid whatever MoE fields it also holds.
+            self.shared = MLP(cfg.replace(mlp_dim=cfg.shared_expert_dim), rngs=rngs)
+            if cfg.shared_expert_gate:
+                # Qwen2-MoE's [D, 1] gate, held as a vector: one scalar per token, and not a
+                # linear map that quantization or LoRA should pick up.
+                self.shared_gate = dense(cfg, rngs, (D,), (axes.EMBED,))
         self.has_shared = bool(cfg.shared_expert_dim)
+        self.has_shared_gate = cfg.shared_expert_gate
 
     def __call__(self, x_BTD, mask_BT):
         """``(out_BTD, stats)``; ``mask_BT`` marks real tokens (padding is left out of ``stats``)."""
@@ -122,28 +190,55 @@ class MoE(nnx.Module):
         x_ND = x_BTD.reshape(B * T, D)
         # Routing decisions are discrete: float32 logits keep a bfloat16 model's choices stable.
         logits_NE = project("ND,DE->NE", x_ND.astype(jnp.float32), self.router, jnp.float32)
-        weights_NR, experts_NR, probs_NE = route(logits_NE, self.k, self.kind, self.norm_topk)
-        stats = router_stats(logits_NE, experts_NR, probs_NE, mask_BT.reshape(-1))
-        if self.dispatch == "dropless":
-            y_NRD = self._dropless(x_ND, experts_NR)
+        mask_N = mask_BT.reshape(-1)
+        bias_E = self.selection_bias[...] if self.has_selection_bias else None
+        weights_NR, experts_NR, probs_NE = route(
+            logits_NE, self.k, self.kind, self.norm_topk, bias_E, mask_N
+        )
+        stats = router_stats(logits_NE, experts_NR, probs_NE, mask_N)
+        ep = expert_parallel.plan((B, T)) if self.dispatch == "dropless" else None
+        if ep is not None:
+            R, dt = self.k, self.dtype
+            out_BTD = expert_parallel.dispatch(
+                self._grouped,
+                x_BTD.astype(dt),
+                weights_NR.reshape(B, T, R),
+                experts_NR.reshape(B, T, R),
+                *(w[...].astype(dt) for w in (self.gate, self.up, self.down)),
+                ep,
+            )
         else:
-            y_NRD = self._capacity(x_ND, experts_NR)
-        out_ND = jnp.einsum("NRD,NR->ND", y_NRD, weights_NR.astype(self.dtype))
-        out_BTD = out_ND.reshape(B, T, D)
+            if self.dispatch == "dropless":
+                y_NRD = self._dropless(x_ND, experts_NR)
+            else:
+                y_NRD = self._capacity(x_ND, experts_NR)
+            out_ND = jnp.einsum("NRD,NR->ND", y_NRD, weights_NR.astype(self.dtype))
+            out_BTD = out_ND.reshape(B, T, D)
         if self.has_shared:
-            out_BTD = out_BTD + self.shared(x_BTD)
+            shared_BTD = self.shared(x_BTD)
+            if self.has_shared_gate:
+                g_BT = project("BTD,D->BT", x_BTD, self.shared_gate, self.dtype)
+                shared_BTD = jax.nn.sigmoid(g_BT)[..., None] * shared_BTD
+            out_BTD = out_BTD + shared_BTD
         return out_BTD, stats
 
     def _experts(self, x, in_proj, out_proj):
         h = self.act(in_proj(x, self.gate)) * in_proj(x, self.up)
         return out_proj(h, self.down)
 
+    def _grouped(self, x_AD, sizes_E, gate, up, down):
+        # Rows past the last group (other devices' assignments under expert parallelism) get
+        # no output.
+        h_AF = self.act(jax.lax.ragged_dot(x_AD, gate, sizes_E))
+        h_AF = h_AF * jax.lax.ragged_dot(x_AD, up, sizes_E)
+        return jax.lax.ragged_dot(h_AF, down, sizes_E)
+
     def _dropless(self, x_ND, experts_NR):
         dt, (N, R) = self.dtype, experts_NR.shape
         order_A, _, sizes_E = _sort_by_expert(experts_NR, self.n_experts)
         x_AD = x_ND.astype(dt)[order_A // R]
-        matmul = lambda x, w: jax.lax.ragged_dot(x, w[...].astype(dt), sizes_E)
-        y_AD = self._experts(x_AD, matmul, matmul)
+        weights = (w[...].astype(dt) for w in (self.gate, self.up, self.down))
+        y_AD = self._grouped(x_AD, sizes_E, *weights)
         return _unsort(y_AD, order_A).reshape(N, R, -1)
 
     def _capacity(self, x_ND, experts_NR):

@@ -40,6 +40,8 @@ class Plan:
     optimizer: int
     activations: int
     devices: int
+    expert_params: int = 0  # of ``params``: mixture-of-experts weights (router included)
+    dispatch: int = 0  # of ``activations``: the MoE layers' (dispatch buffers, expert MLPs)
 
     @property
     def total(self) -> int:
@@ -51,13 +53,16 @@ class Plan:
     def table(self, hbm_bytes: float | None = None) -> str:
         rows = [
             ("parameters", self.params),
+            ("  of which experts", self.expert_params),
             ("gradients", self.grads),
             ("optimizer state", self.optimizer),
             ("activations", self.activations),
+            ("  of which MoE", self.dispatch),
             ("total", self.total),
         ]
-        lines = [f"{'per device':<16}{'GiB':>10}"]
-        lines += [f"{name:<16}{b / 2**30:>10.3f}" for name, b in rows]
+        rows = [(name, b) for name, b in rows if b or not name.startswith(" ")]
+        lines = [f"{'per device':<20}{'GiB':>10}"]
+        lines += [f"{name:<20}{b / 2**30:>10.3f}" for name, b in rows]
         if hbm_bytes:
             verdict = "fits" if self.fits(hbm_bytes) else "does NOT fit"
             lines.append(
@@ -85,44 +90,88 @@ def _param_model(cfg: ModelConfig) -> Model:
     return Model(cfg.replace(remat="none", dtype="float32"))
 
 
-def _param_bytes_per_device(model, mesh, rules: Rules) -> int:
+def _param_bytes_per_device(model, mesh, rules: Rules) -> tuple[int, int]:
+    """``(all, experts)``: bytes per device of every parameter, and of those with an
+    ``experts`` dimension."""
     from llmjax.sharding import _paths  # local: avoids an import cycle at package import
 
     names = _paths(model.param_axes())
-    total = 0
+    total = experts = 0
     for path, leaf in _paths(model.abstract_params()).items():
         spec = param_spec(path, names[path], leaf.shape, mesh, rules)
         ways = 1
         for axis in spec:
             for a in (axis,) if isinstance(axis, str) else tuple(axis or ()):
                 ways *= mesh.shape[a]
-        total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize // ways
-    return total
+        nbytes = int(np.prod(leaf.shape)) * leaf.dtype.itemsize // ways
+        total += nbytes
+        experts += nbytes if axes.EXPERTS in names[path] else 0
+    return total, experts
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tp: int, remat: str) -> int:
-    """Bytes kept for the backward pass (plus the transient peak of one layer) for ``tokens``."""
+def _ffn_bytes(cfg: ModelConfig, moe: bool, b: int, tp: int, ep: int) -> tuple[int, int]:
+    """Per token, the feed-forward's ``(kept, dots)`` bytes: everything the backward pass would
+    keep, and the projection outputs alone (what ``dots`` remat keeps)."""
+    D, gated = cfg.d_model, 2 if cfg.gated_mlp else 1
+    if not moe:
+        f = max(cfg.resolved_mlp_dim // tp, 1)
+        return b * (gated + 4) * f, b * (gated + 1) * f
+    # Dispatch buffers: every token's R sorted copies and their outputs; under expert
+    # parallelism every device of an expert group holds the whole group's tokens (ep of them
+    # per local token, R rows each), its static worst case, since the rows are dropless.
+    f, E, rows = (
+        max(cfg.resolved_expert_mlp_dim // tp, 1),
+        cfg.n_experts,
+        ep * cfg.experts_per_token,
+    )
+    kept = b * (rows * (2 * D + (gated + 4) * f) + ep * D) + 4 * 3 * E  # float32 router rows
+    dots = b * rows * (D + (gated + 1) * f) + 4 * E
+    if cfg.shared_expert_dim:
+        s = max(cfg.shared_expert_dim // tp, 1)
+        kept, dots = kept + b * (gated + 4) * s, dots + b * (gated + 1) * s
+    return kept, dots
+
+
+def moe_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, remat: str, ep: int = 1) -> int:
+    """The mixture-of-experts layers' share of ``activation_bytes``."""
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    if not moe_layers:
+        return 0
+    kept, dots = _ffn_bytes(cfg, True, np.dtype(dtype_of(cfg.dtype)).itemsize, tp, ep)
+    per_layer = {"none": kept, "dots": dots, "full": 0}[remat]
+    return tokens * (moe_layers * per_layer + (0 if remat == "none" else kept))
+
+
+def activation_bytes(
+    cfg: ModelConfig, tokens: int, seq_len: int, tp: int, remat: str, ep: int = 1
+) -> int:
+    """Bytes kept for the backward pass (plus the transient peak of one layer) for ``tokens``;
+    ``ep``: devices on the expert axis when mixture-of-experts layers dispatch over it."""
     b = np.dtype(dtype_of(cfg.dtype)).itemsize
     D, H, K, C = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
-    F, V = cfg.resolved_mlp_dim, cfg.vocab_size
-    h, k, f = max(H // tp, 1), max(K // tp, 1), max(F // tp, 1)
-    gated = 2 if cfg.gated_mlp else 1
+    V = cfg.vocab_size
+    h, k = max(H // tp, 1), max(K // tp, 1)
     # One layer, per token: norm inputs and outputs, residuals and projections (8 x D); q/k/v
-    # before and after RoPE (which works in float32); the attention output; the MLP's hidden
-    # activations with the inputs of their derivatives; the float32 attention logits and
+    # before and after RoPE (which works in float32); the attention output; the feed-forward's
+    # hidden activations with the inputs of their derivatives; the float32 attention logits and
     # probabilities that the XLA path materialises (2 x heads x keys) and the boolean mask.
-    layer = b * (8 * D + 2 * (h + 2 * k) * C + h * C + (gated + 4) * f) + 4 * 2 * (h + k) * C
+    attn = b * (8 * D + 2 * (h + 2 * k) * C + h * C) + 4 * 2 * (h + k) * C
     if cfg.attention_impl == "xla":
-        layer += (4 * 2 * h + 1) * seq_len
+        attn += (4 * 2 * h + 1) * seq_len
     else:  # flash kernels keep only the output and a float32 log-sum-exp per head
-        layer += 4 * h
+        attn += 4 * h
     if cfg.post_norms:  # Gemma's second pair of norms: inputs and outputs
-        layer += 4 * D * b
+        attn += 4 * D * b
     if cfg.qk_norm:
-        layer += 2 * (h + k) * C * b
-    dots = b * ((h + 2 * k) * C + 2 * D + (gated + 1) * f)  # projection outputs only
-    saved = {"none": layer, "dots": dots, "full": b * D}[remat]
-    per_token = cfg.n_layers * saved + (0 if remat == "none" else layer)
+        attn += 2 * (h + k) * C * b
+    attn_dots = b * ((h + 2 * k) * C + 2 * D)  # projection outputs only
+    per_token, peak = 0, 0
+    for i in range(cfg.n_layers):
+        ffn, ffn_dots = _ffn_bytes(cfg, cfg.is_moe_layer(i), b, tp, ep)
+        layer = attn + ffn
+        per_token += {"none": layer, "dots": attn_dots + ffn_dots, "full": b * D}[remat]
+        peak = max(peak, layer)
+    per_token += 0 if remat == "none" else peak
     # Float32 logits and their gradient (the vocabulary splits over tensor).
     per_token += 2 * 4 * max(V // tp, 1)
     return tokens * per_token
@@ -168,10 +217,12 @@ def plan(
             f"batch size {batch_size} is not divisible by data x fsdp x expert = {batch_ways}; "
             f"use a multiple of {batch_ways} or a mesh that divides {batch_size}"
         )
-    params = _param_bytes_per_device(_param_model(cfg), abstract_mesh(sizes), rules)
+    params, expert_params = _param_bytes_per_device(_param_model(cfg), abstract_mesh(sizes), rules)
     tp = sizes["tensor"] if "tensor" in _mesh_axes_used(rules) else 1
     tokens = batch_size // batch_ways * max(seq_len // sizes["sequence"], 1)
-    activations = activation_bytes(cfg.replace(remat=remat), tokens, seq_len, tp, remat)
+    ep = sizes["expert"] if rules.activations.get(axes.ACT_EXPERTS) == "expert" else 1
+    activations = activation_bytes(cfg.replace(remat=remat), tokens, seq_len, tp, remat, ep)
+    dispatch = moe_activation_bytes(cfg, tokens, tp, remat, ep)
     # The embedding table is gathered whole for the token lookup when it is sharded; sharded only
     # over fsdp, its gradient is also built whole before the reduce-scatter.
     table = cfg.vocab_size * cfg.d_model * np.dtype(dtype_of(cfg.param_dtype)).itemsize
@@ -185,6 +236,8 @@ def plan(
         optimizer=OPTIMIZER_MOMENTS[optimizer] * params,
         activations=activations,
         devices=math.prod(sizes.values()),
+        expert_params=expert_params,
+        dispatch=dispatch,
     )
 
 
@@ -300,7 +353,8 @@ def parser():
         "--rules",
         default=None,
         metavar="NAME",
-        help="parallelism preset: dp, fsdp, tp, fsdp_tp or ep (default: the one the mesh implies)",
+        help="parallelism preset: dp, fsdp, tp, fsdp_tp, ep or ep_tp (default: the one the mesh "
+        "implies)",
     )
     ap.add_argument(
         "--batch", type=positive_int, required=True, metavar="B", help="global batch (sequences)"

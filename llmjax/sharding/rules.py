@@ -56,6 +56,7 @@ _TP_ACT = {
     axes.ACT_VOCAB: "tensor",
 }
 _EP = {axes.EXPERTS: "expert"}
+_EP_ACT = {axes.ACT_EXPERTS: "expert"}
 
 PRESETS: dict[str, Rules] = {
     r.name: r
@@ -64,7 +65,8 @@ PRESETS: dict[str, Rules] = {
         Rules("fsdp", _FSDP, _BATCH),
         Rules("tp", _TP, {**_BATCH, **_TP_ACT}),
         Rules("fsdp_tp", {**_FSDP, **_TP}, {**_BATCH, **_TP_ACT}),
-        Rules("ep", {**_FSDP, **_EP}, _BATCH),
+        Rules("ep", {**_FSDP, **_EP}, {**_BATCH, **_EP_ACT}),
+        Rules("ep_tp", {**_FSDP, **_EP, **_TP}, {**_BATCH, **_TP_ACT, **_EP_ACT}),
     ]
 }
 
@@ -113,7 +115,7 @@ def default_rules(sizes: dict[str, int]) -> str:
     """The parallelism preset a mesh implies: FSDP and/or tensor axes in use, else data."""
     fsdp, tensor = sizes.get("fsdp", 1) > 1, sizes.get("tensor", 1) > 1
     if sizes.get("expert", 1) > 1:
-        return "ep"
+        return "ep_tp" if tensor else "ep"
     return {(True, True): "fsdp_tp", (False, True): "tp", (True, False): "fsdp"}.get(
         (fsdp, tensor), "dp"
     )

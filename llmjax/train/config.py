@@ -60,7 +60,7 @@ class LoopConfig:
     keep_best: bool = True  # also keep the checkpoint with the lowest eval loss
     async_save: bool = True
     mesh: str = ""  # "data=2,fsdp=-1"; empty: every device on the data axis
-    rules: str = ""  # parallelism preset (dp, fsdp, tp, fsdp_tp, ep); empty: implied by the mesh
+    rules: str = ""  # parallelism preset (dp, fsdp, tp, fsdp_tp, ep, ep_tp); empty: from the mesh
     sample_tokens: int = 64  # length of the sample printed at the end; 0 disables
     progress: bool = True
 

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llmjax import distributed, sharding
 from llmjax.checkpoint import Checkpointer, CheckpointMismatch, restore_latest
+from llmjax.config import ModelConfig
 from llmjax.losses import SUMMED
 from llmjax.train import mesh as mesh_lib
 from llmjax.train import rundir
@@ -200,7 +201,9 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
     mesh = mesh_lib.make_mesh(loop.mesh)
     mesh_lib.check_batch(batch_size, mesh, loop.grad_accum)
     updates = loop.steps * task.updates_per_batch  # the schedule counts optimizer updates
-    tx = make_optimizer(config.optim, updates)
+    # The model config carries the router's bias-update speed (an update outside Adam).
+    model_cfg = task.model if isinstance(task.model, ModelConfig) else None
+    tx = make_optimizer(config.optim, updates, model=model_cfg)
     schedule = lr_schedule(config.optim, updates)
     rules = mesh_lib.rules_for(mesh, loop.rules)
     replicated = NamedSharding(mesh, PartitionSpec())

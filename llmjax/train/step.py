@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from llmjax.losses import SUMMED
+from llmjax.train.optim import gradient_norm
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
@@ -89,7 +90,7 @@ def make_train_step(loss_fn: LossFn, tx, schedule=None, grad_accum: int = 1, upd
     def update(params, opt_state, count, frozen, batch, rng):
         loss, aux, grads = accumulate(loss_fn, params, frozen, batch, rng, grad_accum)
         deltas, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": gradient_norm(grads), **aux}
         if schedule is not None:
             metrics["learning_rate"] = schedule(count)
         return optax.apply_updates(params, deltas), opt_state, metrics

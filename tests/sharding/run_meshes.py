@@ -20,6 +20,7 @@ def main():
     ap.add_argument("--mesh", action="append", default=[], help="MESH:RULES, e.g. fsdp=8:fsdp")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--preset", default="llama3-tiny")
+    ap.add_argument("--experts", type=int, default=0, help="n_experts of a MoE preset")
     args = ap.parse_args()
 
     import jax
@@ -34,11 +35,13 @@ def main():
 
     import llmjax
     from llmjax import sharding
+    from llmjax.layers import expert_parallel
     from llmjax.losses import next_token_loss
     from llmjax.train.mesh import state_shardings
     from llmjax.train.step import init_state, make_train_step
 
-    model = llmjax.build(args.preset, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128)
+    moe = {"n_experts": args.experts} if args.experts else {}
+    model = llmjax.build(args.preset, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, **moe)
     tx = optax.adamw(3e-3, weight_decay=0.1)
     B, T = 8, 32
     rng = np.random.default_rng(0)
@@ -78,11 +81,16 @@ def main():
                 state, metrics = step(state, {}, sharding.shard_batch(local, mesh))
                 losses.append(float(metrics["loss"]))
         spec_of = lambda x: str(tuple(x.sharding.spec))
+        layer = state["params"]["layers"][0]
         results[item] = {
             "losses": losses,
-            "wq_spec": spec_of(state["params"]["layers"][0]["attn"]["wq"]),
+            "wq_spec": spec_of(layer["attn"]["wq"]),
             "mu_spec": spec_of(jax.tree.leaves(state["opt_state"])[1]),
         }
+        if args.experts:
+            results[item]["gate_spec"] = spec_of(layer["mlp"]["gate"])
+            with sharding.activation_rules(mesh, rules):
+                results[item]["expert_parallel"] = expert_parallel.plan((B, T)) is not None
     if jax.process_index() == 0:
         print("RESULT " + json.dumps(results))
     os._exit(0)  # skip distributed teardown races between processes

@@ -23,11 +23,12 @@ def _probe(*args):
     [
         ["--devices", "1"],
         ["--devices", "8", "--mesh", "fsdp=4,tensor=2", "--rules", "fsdp_tp"],
+        ["--devices", "8", "--mesh", "fsdp=2,expert=4", "--rules", "ep"],
         pytest.param(
             ["--devices", "8", "--mesh", "data=2,fsdp=4", "--rules", "fsdp"], marks=pytest.mark.slow
         ),
     ],
-    ids=["one-device", "fsdp4-tensor2", "data2-fsdp4"],
+    ids=["one-device", "fsdp4-tensor2", "fsdp2-expert4", "data2-fsdp4"],
 )
 def test_plan_within_20_percent_of_compiled_memory(mesh):
     for row in _probe(*mesh):
@@ -45,6 +46,25 @@ def test_plan_exact_parts_and_fit():
     assert bf16.activations < p.activations
     with pytest.raises(ValueError, match="not divisible by data x fsdp x expert = 8"):
         plan(cfg, "fsdp=8", batch_size=4, seq_len=128)
+
+
+def test_plan_counts_expert_weights_and_dispatch_buffers(capsys):
+    cfg = llmjax.build("mixtral-8x7b").config
+    E, D, F, L = cfg.n_experts, cfg.d_model, cfg.resolved_expert_mlp_dim, cfg.n_layers
+    expert_bytes = 4 * L * (3 * E * D * F + D * E)  # gate, up, down and the router, float32
+    one = plan(cfg, "fsdp=16", batch_size=16, seq_len=1024, rules="fsdp", remat="dots")
+    assert one.expert_params == expert_bytes // 16
+    ep = plan(cfg, "fsdp=2,expert=8", batch_size=16, seq_len=1024, rules="ep", remat="dots")
+    assert ep.expert_params == expert_bytes // 16  # experts over expert, embed over fsdp
+    # Gathering an expert group's tokens: every device holds buffers for the group's
+    # assignments, expert x k rows per local token instead of k.
+    assert 0 < one.dispatch < one.activations and ep.dispatch > 6 * one.dispatch
+    dense = plan(llmjax.build("llama3.1-8b").config, "fsdp=8", batch_size=8, seq_len=4096)
+    assert dense.expert_params == dense.dispatch == 0
+    assert main(["--preset", "mixtral-8x7b", "--mesh", "fsdp=2,expert=8", "--batch", "16",
+                 "--seq-len", "1024"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "rules ep," in out and "of which experts" in out and "of which MoE" in out
 
 
 def test_plan_command_prints_table(capsys):

@@ -27,7 +27,8 @@ MESHES = {
     "fsdp": {"fsdp": 8},
     "tp": {"data": 2, "tensor": 4},
     "fsdp_tp": {"fsdp": 4, "tensor": 2},
-    "ep": {"fsdp": 8},
+    "ep": {"fsdp": 4, "expert": 2},
+    "ep_tp": {"fsdp": 2, "expert": 2, "tensor": 2},
 }
 
 
@@ -132,6 +133,29 @@ def test_sharded_training_matches_one_device(mesh_results):
     assert mesh_results["fsdp=4,tensor=2:fsdp_tp"]["wq_spec"] == "('fsdp', 'tensor', None)"
     # Adam's moments are sharded like their parameters.
     assert mesh_results["fsdp=4,tensor=2:fsdp_tp"]["mu_spec"] != "(None, None)"
+
+
+MOE_RUNS = [
+    "data=1:dp",
+    "expert=8:ep",
+    "fsdp=2,expert=4:ep",
+    "data=2,expert=2,tensor=2:ep_tp",
+]
+
+
+def test_expert_parallel_training_matches_one_device():
+    """8 experts over an ``expert`` axis (alone, with FSDP, with tensor parallelism): the
+    shard_map dispatch trains like one device."""
+    args = ["--devices", "8", "--preset", "mixtral-tiny", "--experts", "8"]
+    results = _run([*args, *sum((["--mesh", m] for m in MOE_RUNS), [])])
+    ref = results["data=1:dp"]
+    assert ref["losses"][-1] < ref["losses"][0] and not ref["expert_parallel"]
+    for run in MOE_RUNS[1:]:
+        assert results[run]["expert_parallel"], run
+        np.testing.assert_allclose(results[run]["losses"], ref["losses"], rtol=2e-6, err_msg=run)
+    assert results["expert=8:ep"]["gate_spec"] == "('expert', None, None)"
+    assert results["fsdp=2,expert=4:ep"]["gate_spec"] == "('expert', 'fsdp', None)"
+    assert results["data=2,expert=2,tensor=2:ep_tp"]["gate_spec"] == "('expert', None, 'tensor')"
 
 
 def test_two_processes_match_one_process(mesh_results):
