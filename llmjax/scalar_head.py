@@ -101,6 +101,7 @@ def sequence_scores(
     segment_ids=None,
     attention_mask=None,
     last_index_B=None,
+    return_aux: bool = False,
 ):
     """One float32 score ``[B]`` per row of int tokens ``[B, T]``: the head at its last real token.
 
@@ -111,7 +112,8 @@ def sequence_scores(
     both score the sequence's final token. A row holds one sequence: packed rows score only their
     last one (give ``last_index_B`` for another). ``positions``, ``segment_ids`` and
     ``attention_mask`` reach ``model.apply`` as they are; only the chosen token is normed and
-    scored.
+    scored. ``return_aux=True`` returns ``(scores, aux)`` with ``model.apply``'s aux (a
+    mixture-of-experts decoder's router losses, which a trained scorer adds to its loss).
     """
     score_D = check_head(model, head)
     tokens_BT = _check_tokens(model.config, tokens_BT)
@@ -121,7 +123,7 @@ def sequence_scores(
         attention_mask=attention_mask,
         last_index_B=last_index_B,
     )
-    hidden_B1D = model.apply(
+    out = model.apply(
         params,
         tokens_BT,
         positions=positions,
@@ -129,5 +131,8 @@ def sequence_scores(
         attention_mask=attention_mask,
         logit_index=index_B[:, None],
         return_hidden=True,
+        return_aux=return_aux,
     )
-    return jnp.einsum("BD,D->B", hidden_B1D[:, 0], score_D.astype(jnp.float32))
+    hidden_B1D, aux = out if return_aux else (out, None)
+    scores_B = jnp.einsum("BD,D->B", hidden_B1D[:, 0], score_D.astype(jnp.float32))
+    return (scores_B, aux) if return_aux else scores_B

@@ -58,28 +58,52 @@ def next_token_loss(model, z_loss: float = 0.0, accuracy: bool = False):
     ``llmjax.layers.moe.aux_losses``), reported as ``moe/balance_loss`` and ``moe/router_z_loss``.
     """
     cfg = model.config
-    moe = cfg.n_experts > 0
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng  # no dropout in the model zoo's decoders
-        out = model.apply(
+        logits, moe_aux = apply_routed(
+            model,
             params,
             batch["tokens"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
-            return_aux=moe,
         )
-        logits, moe_aux = out if moe else (out, None)
         loss, aux = masked_cross_entropy(
             logits, batch["targets"], batch["loss_mask"], z_loss, accuracy
         )
-        if moe:
-            balance, router_z = moe_aux["balance_loss"], moe_aux["router_z_loss"]
-            loss = loss + cfg.router_aux_coef * balance + cfg.router_z_coef * router_z
-            aux = {**aux, "moe/balance_loss": balance, "moe/router_z_loss": router_z}
+        loss, aux = add_router_loss(cfg, moe_aux, loss, aux)
         return loss, {**aux, "num_tokens": real_tokens(batch)}
 
     return loss_fn
+
+
+def apply_routed(model, params, tokens, **kwargs):
+    """``(out, moe_aux)``: ``model.apply(params, tokens, **kwargs)`` and, for a mixture-of-experts
+    model, its ``balance_loss`` and ``router_z_loss`` (``return_aux=True``); ``moe_aux`` is None
+    for a dense model, whose forward is the plain one."""
+    if model.config.n_experts > 0:
+        return model.apply(params, tokens, return_aux=True, **kwargs)
+    return model.apply(params, tokens, **kwargs), None
+
+
+def router_loss(cfg, moe_aux) -> tuple[jax.Array, dict]:
+    """``(router_aux_coef * balance + router_z_coef * z, metrics)`` of a mixture-of-experts
+    forward's aux (``model.apply(..., return_aux=True)``), with the coefficients of the model
+    config ``cfg``. The metrics ``moe/balance_loss`` and ``moe/router_z_loss`` are means over the
+    real input tokens, so micro-batches average them as every metric not in ``SUMMED``."""
+    balance, router_z = moe_aux["balance_loss"], moe_aux["router_z_loss"]
+    extra = cfg.router_aux_coef * balance + cfg.router_z_coef * router_z
+    return extra, {"moe/balance_loss": balance, "moe/router_z_loss": router_z}
+
+
+def add_router_loss(cfg, moe_aux, loss, aux: dict):
+    """``(loss + router_loss, aux + its metrics)``; ``loss`` and ``aux`` as they are when
+    ``moe_aux`` holds no router losses (None from ``apply_routed``, or a dense model's empty aux),
+    so a dense model's loss is the same to the bit."""
+    if not moe_aux:
+        return loss, aux
+    extra, metrics = router_loss(cfg, moe_aux)
+    return loss + extra, {**aux, **metrics}
 
 
 def sequence_logprobs(logits_BTV, targets_BT, mask_BT) -> jax.Array:

@@ -49,6 +49,7 @@ from llmjax.losses import (
     teacher_log_normalizer,
     teacher_top_k,
 )
+from llmjax.losses.core import add_router_loss, apply_routed
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -269,7 +270,8 @@ def _continuations(cfg: DistillConfig, student, teacher, stop_ids):
 
 def make_loss(cfg: DistillConfig, student, teacher, stop_ids):
     """``loss(params, frozen, batch, rng)``: ``(1 - a) * divergence + a * hard-label CE`` with
-    ``a = alpha`` (0 on on-policy steps), and the ``distill/*`` metrics."""
+    ``a = alpha`` (0 on on-policy steps), and the ``distill/*`` metrics; a mixture-of-experts
+    student adds its router losses (``llmjax.losses.core.router_loss``)."""
     pick = _continuations(cfg, student, teacher, stop_ids) if cfg.sampled else None
 
     def loss(params, frozen, batch, rng):
@@ -278,7 +280,7 @@ def make_loss(cfg: DistillConfig, student, teacher, stop_ids):
             batch, on, length = pick(params, frozen, batch, rng)
         mask = batch["loss_mask"]
         inputs = {k: batch[k] for k in ("positions", "segment_ids")}
-        logits = student.apply(params, batch["tokens"], **inputs)
+        logits, moe_aux = apply_routed(student, params, batch["tokens"], **inputs)
         hard, hard_aux = masked_cross_entropy(logits, batch["targets"], mask)
         aux = {"distill/hard_loss": hard}
         if cfg.teacher_cache:
@@ -308,6 +310,7 @@ def make_loss(cfg: DistillConfig, student, teacher, stop_ids):
         a = cfg.alpha if on is None else cfg.alpha * (1.0 - on)
         total = a * hard + (1.0 - a) * div
         aux.update({"distill/kl": m["kl"], "tokens": hard_aux["tokens"]})
+        total, aux = add_router_loss(student.config, moe_aux, total, aux)
         aux["num_tokens"] = real_tokens(batch)
         if on is not None:
             aux["completions/mean_length"] = length

@@ -16,6 +16,7 @@ import numpy as np
 
 from llmjax import distributed, sharding
 from llmjax.losses import sequence_logprobs
+from llmjax.losses.core import apply_routed
 from llmjax.train import mesh as mesh_lib
 from llmjax.train.task import place, tree_shardings
 
@@ -33,14 +34,22 @@ def as_pairs(x_R):
     return x_R.reshape(2, -1).T
 
 
-def pair_logps(model, params, batch):
-    """``(sums [B, 2], counts [B, 2])``: each side's completion log-prob and token count."""
+def pair_logps(model, params, batch, return_aux: bool = False):
+    """``(sums [B, 2], counts [B, 2])``: each side's completion log-prob and token count.
+
+    ``return_aux=True`` appends a mixture-of-experts model's router losses over both sides' rows
+    (``llmjax.losses.core.apply_routed``; None for a dense model), which a trained policy's loss
+    adds and a frozen reference has no use for.
+    """
     rows = flat(batch)
-    logits = model.apply(
-        params, rows["tokens"], positions=rows["positions"], segment_ids=rows["segment_ids"]
-    )
+    inputs = {"positions": rows["positions"], "segment_ids": rows["segment_ids"]}
+    if return_aux:
+        logits, moe_aux = apply_routed(model, params, rows["tokens"], **inputs)
+    else:
+        logits = model.apply(params, rows["tokens"], **inputs)
     sums = sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
-    return as_pairs(sums), as_pairs(rows["loss_mask"].sum(-1))
+    out = as_pairs(sums), as_pairs(rows["loss_mask"].sum(-1))
+    return (*out, moe_aux) if return_aux else out
 
 
 def compute_reference(model, params, axes, batches, cfg) -> np.ndarray:

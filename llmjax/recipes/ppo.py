@@ -27,6 +27,7 @@ import numpy as np
 import llmjax
 from llmjax.config import ConfigError
 from llmjax.losses import gae, policy_loss, real_tokens, token_entropy, value_loss
+from llmjax.losses.core import add_router_loss, apply_routed, router_loss
 from llmjax.recipes import rl
 from llmjax.recipes.sft import trainable
 from llmjax.scalar_head import check_head, init_score_head, score_axes
@@ -66,16 +67,34 @@ class PPOConfig(rl.GRPOConfig):
                 raise ConfigError(message)
 
 
-def _values(model, params, head, batch):
-    """The critic's value at every slot ``[B, T]``: its head on the final hidden states."""
-    hidden = model.apply(
+def _values(model, params, head, batch, return_aux: bool = False):
+    """The critic's value at every slot ``[B, T]``: its head on the final hidden states.
+
+    ``return_aux=True`` returns ``(values, moe_aux)`` with a mixture-of-experts decoder's router
+    losses (``llmjax.losses.core.apply_routed``; None for a dense one), for the loss that trains it.
+    """
+    hidden, moe_aux = apply_routed(
+        model,
         params,
         batch["tokens"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
         return_hidden=True,
     )
-    return jnp.einsum("BTD,D->BT", hidden, check_head(model, head).astype(jnp.float32))
+    values = jnp.einsum("BTD,D->BT", hidden, check_head(model, head).astype(jnp.float32))
+    return (values, moe_aux) if return_aux else values
+
+
+def critic_of(model, params_of):
+    """``critic(params, frozen, batch, return_aux=False)``: the values ``[B, T]`` of the critic in
+    the trainable tree's ``params["critic"]`` (``_values``), its decoder read through ``params_of``
+    (the fine-tuning recipes' ``Trainable.params_of``)."""
+
+    def critic(params, frozen, batch, return_aux=False):
+        c = params["critic"]
+        return _values(model, params_of(c["decoder"], frozen), c["head"], batch, return_aux)
+
+    return critic
 
 
 def _whiten(x_BT, mask_BT):
@@ -157,10 +176,17 @@ def make_rollout(cfg: PPOConfig, model, policy_of, critic, reference, data, rewa
 
 def make_loss(cfg: PPOConfig, model, policy_of, critic):
     """The clipped policy objective + ``vf_coef`` * the clipped value loss - ``ent_coef`` *
-    entropy, on the rollout's batch."""
+    entropy, on the rollout's batch; ``critic(params, frozen, batch, return_aux)`` gives the
+    values (see ``critic_of``).
+
+    Mixture-of-experts decoders add their router losses (``llmjax.losses.core.router_loss``): the
+    policy's as they are, reported as ``moe/*``; the critic's times ``vf_coef``, as its value loss,
+    so it keeps their ratio to its own loss, reported as ``moe/critic_*``.
+    """
 
     def loss(params, frozen, batch, rng):
-        logits = model.apply(
+        logits, moe_aux = apply_routed(
+            model,
             policy_of(params, frozen, rng),
             batch["tokens"],
             positions=batch["positions"],
@@ -178,8 +204,9 @@ def make_loss(cfg: PPOConfig, model, policy_of, critic):
             loss_type=cfg.loss_type,
             max_completion_length=cfg.max_new_tokens,
         )
+        values, critic_aux = critic(params, frozen, batch, return_aux=True)
         v_loss, vm = value_loss(
-            critic(params, frozen, batch),
+            values,
             batch["old_values"],
             batch["returns"],
             mask,
@@ -190,7 +217,13 @@ def make_loss(cfg: PPOConfig, model, policy_of, critic):
         m["policy_loss"] = jax.lax.stop_gradient(p_loss)
         m["entropy"] = jax.lax.stop_gradient(entropy)
         m["num_tokens"] = real_tokens(batch)
-        return p_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy, m
+        total = p_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+        total, m = add_router_loss(model.config, moe_aux, total, m)
+        if critic_aux:
+            extra, rm = router_loss(model.config, critic_aux)
+            total = total + cfg.vf_coef * extra
+            m.update({k.replace("moe/", "moe/critic_"): v for k, v in rm.items()})
+        return total, m
 
     return loss
 
@@ -205,9 +238,7 @@ def task(cfg: PPOConfig, base, data, out_dir, log=print) -> Task:
     def policy_of(params, frozen, rng=None):
         return t.params_of(params["policy"], frozen, rng)
 
-    def critic(params, frozen, batch):
-        c = params["critic"]
-        return _values(model, t.params_of(c["decoder"], frozen), c["head"], batch)
+    critic = critic_of(model, t.params_of)
 
     head = init_score_head(model, jax.random.PRNGKey(cfg.loop.seed + 1))
     if callable(t.initial):  # LoRA: the critic gets adapters of its own over the same base

@@ -42,6 +42,7 @@ from llmjax.losses import (
     reward_model_loss,
     simpo_loss,
 )
+from llmjax.losses.core import add_router_loss
 from llmjax.recipes.pairs import (
     Unindexed,
     WithReference,
@@ -150,7 +151,8 @@ def _dpo_loss(cfg: DPOConfig, model, params_of, reference):
     beta = cfg.beta_value
 
     def loss(params, frozen, batch, rng):
-        sums, counts = pair_logps(model, params_of(params, frozen, rng), batch)
+        policy = params_of(params, frozen, rng)
+        sums, counts, moe_aux = pair_logps(model, policy, batch, return_aux=True)
         means = sums / jnp.maximum(counts, 1.0)
         scored = means if cfg.loss in AVERAGED else sums
         c, r = scored[:, 0], scored[:, 1]
@@ -171,6 +173,31 @@ def _dpo_loss(cfg: DPOConfig, model, params_of, reference):
                 beta=beta,
                 label_smoothing=cfg.label_smoothing,
             )
+        value, m = add_router_loss(model.config, moe_aux, value, m)
+        m["num_tokens"] = real_tokens(batch)
+        return value, m
+
+    return loss
+
+
+def _reward_loss(cfg: RewardConfig, model, params_of):
+    """``loss(params, frozen, batch, rng)`` of a reward model, whose ``params`` are
+    ``{"decoder": ..., "head": {"score": [D]}}``: Bradley-Terry on the two sides' scores."""
+
+    def loss(params, frozen, batch, rng):
+        rows = flat(batch)
+        scores, moe_aux = sequence_scores(
+            model,
+            params_of(params["decoder"], frozen, rng),
+            params["head"],
+            rows["tokens"],
+            positions=rows["positions"],
+            segment_ids=rows["segment_ids"],
+            return_aux=True,
+        )
+        pairs = as_pairs(scores)
+        value, m = reward_model_loss(pairs[:, 0], pairs[:, 1], center_coef=cfg.center_coef)
+        value, m = add_router_loss(model.config, moe_aux, value, m)
         m["num_tokens"] = real_tokens(batch)
         return value, m
 
@@ -272,27 +299,12 @@ def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
         else {"decoder": decoder, "head": head}
     )
 
-    def loss(params, frozen, batch, rng):
-        rows = flat(batch)
-        scores = sequence_scores(
-            model,
-            t.params_of(params["decoder"], frozen, rng),
-            params["head"],
-            rows["tokens"],
-            positions=rows["positions"],
-            segment_ids=rows["segment_ids"],
-        )
-        pairs = as_pairs(scores)
-        value, m = reward_model_loss(pairs[:, 0], pairs[:, 1], center_coef=cfg.center_coef)
-        m["num_tokens"] = real_tokens(batch)
-        return value, m
-
     count = t.count + model.config.d_model
     log(f"trainable parameters: {count:,} (a scalar head of {model.config.d_model} included)")
     return Task(
         params=initial,
         axes={"decoder": t.axes, "head": score_axes(model)},
-        loss=loss,
+        loss=_reward_loss(cfg, model, t.params_of),
         train=Unindexed(data.train),
         heldout=lambda b, n: without_index(data.heldout.batches(b, n)),
         model=model.config,

@@ -48,6 +48,7 @@ from llmjax.losses import (
     token_entropy,
     varied_groups,
 )
+from llmjax.losses.core import add_router_loss, apply_routed
 from llmjax.recipes.sft import check_tuning, load_base, trainable
 from llmjax.rewards import load_reward, model_reward, reward_metrics, reward_name, score
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
@@ -277,10 +278,12 @@ def make_rollout(cfg: GRPOConfig, model, params_of, data, rewards, out_dir):
 
 
 def make_loss(cfg: GRPOConfig, model, params_of, reference):
-    """``loss(params, frozen, batch, rng)``: the clipped policy objective on the rollout's batch."""
+    """``loss(params, frozen, batch, rng)``: the clipped policy objective on the rollout's batch,
+    plus a mixture-of-experts policy's router losses (``llmjax.losses.core.router_loss``)."""
 
     def loss(params, frozen, batch, rng):
-        logits = model.apply(
+        logits, moe_aux = apply_routed(
+            model,
             params_of(params, frozen, rng),
             batch["tokens"],
             positions=batch["positions"],
@@ -303,6 +306,7 @@ def make_loss(cfg: GRPOConfig, model, params_of, reference):
             ref_logps_BT=reference(frozen, batch) if cfg.beta > 0 else None,
             beta=cfg.beta,
         )
+        value, m = add_router_loss(model.config, moe_aux, value, m)
         m["entropy"] = token_entropy(jax.lax.stop_gradient(logits), mask)
         m["num_tokens"] = real_tokens(batch)
         return value, m
