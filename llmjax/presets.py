@@ -81,19 +81,21 @@ def mixtral(name, **kw):
     return ModelConfig(name=name, **{**base, **kw})
 
 
+# What Qwen's mixture-of-experts decoders share.
+_QWEN_MOE = dict(
+    vocab_size=151936,
+    norm_eps=1e-6,
+    activation="silu",
+    gated_mlp=True,
+    tie_embeddings=False,
+    rope=RopeConfig(theta=1_000_000.0),
+    router_aux_coef=0.001,
+)
+
+
 def qwen3_moe(name, **kw):
     """Qwen3's decoder with routed experts; ``dense_layers`` keep a dense MLP of ``mlp_dim``."""
-    base = dict(
-        vocab_size=151936,
-        norm_eps=1e-6,
-        qk_norm=True,
-        activation="silu",
-        gated_mlp=True,
-        tie_embeddings=False,
-        rope=RopeConfig(theta=1_000_000.0),
-        router_norm_topk=True,
-        router_aux_coef=0.001,
-    )
+    base = dict(_QWEN_MOE, qk_norm=True, router_norm_topk=True)
     return ModelConfig(name=name, **{**base, **kw})
 
 
@@ -103,18 +105,7 @@ def qwen2_moe(name, **kw):
     Every MoE layer adds ``sigmoid(x . shared_gate)`` times a gated MLP of width
     ``shared_expert_dim`` to the routed experts' output; routing weights are not renormalised.
     """
-    base = dict(
-        vocab_size=151936,
-        norm_eps=1e-6,
-        qkv_bias=True,
-        activation="silu",
-        gated_mlp=True,
-        tie_embeddings=False,
-        rope=RopeConfig(theta=1_000_000.0),
-        router_norm_topk=False,
-        shared_expert_gate=True,
-        router_aux_coef=0.001,
-    )
+    base = dict(_QWEN_MOE, qkv_bias=True, router_norm_topk=False, shared_expert_gate=True)
     return ModelConfig(name=name, **{**base, **kw})
 
 
