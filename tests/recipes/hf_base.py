@@ -43,26 +43,40 @@ def make_tokenizer(out: Path):
     return fast
 
 
-def make_base(out: Path, vocab_size: int = 320, seed: int = 0) -> Path:
-    """A random 2-layer Llama with its tokenizer in ``out`` (float32 safetensors)."""
+def make_base(out: Path, vocab_size: int = 320, seed: int = 0, arch: str = "llama") -> Path:
+    """A random 2-layer Llama (or, ``arch="mixtral"``, a Mixtral of 4 experts, top-2) with its
+    tokenizer in ``out`` (float32 safetensors)."""
     import torch
     import transformers
 
     fast = make_tokenizer(out)
-    cfg = transformers.LlamaConfig(
+    common = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
         tie_word_embeddings=False,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
     )
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(
+            **common,
+            hidden_size=32,
+            intermediate_size=48,
+            max_position_embeddings=128,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_aux_loss_coef=0.02,
+        )
+        cls = transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.LlamaConfig(
+            **common, hidden_size=64, intermediate_size=128, max_position_embeddings=256
+        )
+        cls = transformers.LlamaForCausalLM
     torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    cls(cfg).save_pretrained(out)
     return out
 
 

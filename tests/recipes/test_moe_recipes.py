@@ -17,7 +17,7 @@ import llmjax
 from llmjax.recipes import distill, ppo, preference, rl
 from llmjax.recipes.pairs import flat, pair_logps
 from llmjax.train.metrics import read_metrics
-from tests.recipes.hf_base import make_tokenizer, write_pairs
+from tests.recipes.hf_base import make_base, write_pairs
 
 B, T = 4, 16
 COEFS = {"router_aux_coef": 0.05, "router_z_coef": 0.01}
@@ -190,37 +190,11 @@ def test_a_dense_policy_has_no_router_metrics(recipe):
     assert np.isfinite(value) and not [k for k in m if k.startswith("moe/")]
 
 
-def make_moe_base(out):
-    """A random 2-layer Mixtral with the recipe tests' tokenizer, in ``out``."""
-    import torch
-    import transformers
-
-    fast = make_tokenizer(out)
-    cfg = transformers.MixtralConfig(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=0.02,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow  # a whole run: about half a minute on one core
 def test_dpo_on_a_mixtral_base_logs_its_router_losses(tmp_path):
     from llmjax.cli import main
 
-    base = make_moe_base(tmp_path / "base")
+    base = make_base(tmp_path / "base", arch="mixtral")
     data = write_pairs(tmp_path / "pairs.jsonl")
     args = ["dpo", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "run")]
     args += ["--batch-size", "4", "--seq-len", "24", "--steps", "2", "--lr", "1e-3"]
