@@ -39,9 +39,13 @@ def test_pallas_training_and_decoding_match_xla():
         np.testing.assert_allclose(b, a, atol=1e-6)
 
     full = ref.apply(params, x)
-    cache, outs, t = pallas.init_cache(2, 32), [], 0
-    for n in [6, 1, 2, 15]:
-        logits, cache = pallas.apply(params, x[:, t : t + n], cache=cache)
-        outs.append(logits)
-        t += n
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
+    # The local layer's ring buffer is read by XLA; with ring=False the decode kernel reads its
+    # full cache through the sliding window.
+    for ring in (True, False):
+        cache, outs, t = pallas.init_cache(2, 32, ring=ring), [], 0
+        assert (cache.ring_len is not None) == ring
+        for n in [6, 1, 2, 15]:
+            logits, cache = pallas.apply(params, x[:, t : t + n], cache=cache)
+            outs.append(logits)
+            t += n
+        np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)

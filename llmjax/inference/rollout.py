@@ -71,8 +71,8 @@ def rollout(
     ``lengths_B`` int ``[B]``: each prompt's length in ``[1, L]``; ``key``: a ``jax.random.key``.
     A row ends at its first id in ``stop_ids`` or after ``max_new`` tokens. ``masked=None`` (or
     True) allows prompts of different lengths; ``masked=False`` skips the attention mask (faster,
-    and lets ``attention_impl="pallas"`` use its decode kernel) but is only correct when every
-    length equals L, which cannot be checked under a trace.
+    and lets ``attention_impl="pallas"`` use its decode kernel on global layers) but is only
+    correct when every length equals L, which cannot be checked under a trace.
     """
     cfg = model.config
     _check(cfg, tokens_BL, lengths_B, max_new, sampling)

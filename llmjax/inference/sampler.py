@@ -2,9 +2,10 @@
 
 Prompts of different lengths are right-padded into one ``[B, L]`` batch and prefilled with an
 attention mask; each sequence's cache length is then reset to its own prompt length, so its first
-new token overwrites its padding (the mask hides slots at or beyond a sequence's length). When all
-prompts have the same length no mask is passed, which keeps the cache "unpacked" and lets
-``attention_impl="pallas"`` use its decode kernel.
+new token overwrites its padding (the mask hides slots at or beyond a sequence's length; the ring
+buffers of sliding-window layers never hold padding). When all prompts have the same length no
+mask is passed, which keeps the cache "unpacked" and lets ``attention_impl="pallas"`` use its
+decode kernel (on global layers: sliding-window layers read their ring buffers with XLA).
 
 The decode loop is a ``lax.while_loop`` inside one jitted call whose state (cache included) is
 donated, so the cache is updated in place. It stops early once every sequence has finished. With a
@@ -84,12 +85,21 @@ class Request:
 
 
 def prepare(
-    models, prompts, sampling: SamplingConfig, *, max_new_tokens, stop_tokens, seed, extra_slots
+    models,
+    prompts,
+    sampling: SamplingConfig,
+    *,
+    max_new_tokens,
+    stop_tokens,
+    seed,
+    extra_slots,
+    rollback=0,
 ) -> Request:
     """Check every argument of a generation call, in Python, before anything is compiled.
 
     ``models`` will each hold a cache of ``L + max_new_tokens + extra_slots`` slots (the target
-    and the draft of speculative decoding); ids are checked against the first one's vocabulary.
+    and the draft of speculative decoding) built with ``rollback`` (see ``Model.init_cache``);
+    ids are checked against the first one's vocabulary.
     """
     validate.settings(max_new_tokens=max_new_tokens, seed=seed)
     max_new_tokens = int(max_new_tokens)
@@ -99,9 +109,8 @@ def prepare(
         stop_tokens = ()
     stops = validate.token_ids("stop_tokens", stop_tokens, vocab_size)
     for m in models:
-        validate.capacity(
-            m, len(lengths), tokens.shape[1] + max_new_tokens + extra_slots, max_new_tokens
-        )
+        cache_len = tokens.shape[1] + max_new_tokens + extra_slots
+        validate.capacity(m, len(lengths), cache_len, max_new_tokens, rollback)
     return Request(
         tokens,
         lengths,
@@ -111,9 +120,15 @@ def prepare(
     )
 
 
-def prefill_cache(model, params, tokens_BL, lengths_B, cache_len: int, masked: bool):
-    """``(logits of each prompt's last real token [B, V], cache at the prompt lengths)``."""
-    cache = model.init_cache(tokens_BL.shape[0], cache_len)
+def prefill_cache(
+    model, params, tokens_BL, lengths_B, cache_len: int, masked: bool, rollback: int = 0
+):
+    """``(logits of each prompt's last real token [B, V], cache at the prompt lengths)``.
+
+    Lowering the lengths from L to the prompts' own needs no ``rollback``: sliding-window layers'
+    ring buffers never hold the padding it drops.
+    """
+    cache = model.init_cache(tokens_BL.shape[0], cache_len, rollback=rollback)
     mask = (jnp.arange(tokens_BL.shape[1])[None] < lengths_B[:, None]) if masked else None
     last = (lengths_B - 1)[:, None]
     logits, cache = model.apply(

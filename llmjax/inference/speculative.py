@@ -17,7 +17,10 @@ argmax and the output equals greedy decoding of the target.
 
 Rollback: both caches wrote the k + 1 fed tokens; each row's ``length_B`` is reset to keep only the
 accepted ones. Rejected slots lie beyond the length, so the causal mask hides them until they are
-overwritten. The draft is also fed d_k (its output unused) so that both caches stay in step.
+overwritten. The caches are built with ``rollback=k``: the ring buffers of sliding-window layers
+keep k entries beyond the window, so dropping up to k + 1 tokens (a finished row drops them all)
+loses no key still in the window. The draft is also fed d_k (its output unused) so that both
+caches stay in step.
 """
 
 from __future__ import annotations
@@ -158,8 +161,8 @@ def _run(
 ):
     B, L = tokens.shape
     cache_len = L + max_new + k
-    tlogits, tcache = prefill_cache(target, tparams, tokens, lengths, cache_len, masked)
-    _, dcache = prefill_cache(draft, dparams, tokens, lengths, cache_len, masked)
+    tlogits, tcache = prefill_cache(target, tparams, tokens, lengths, cache_len, masked, k)
+    _, dcache = prefill_cache(draft, dparams, tokens, lengths, cache_len, masked, k)
     k_first, key = jax.random.split(key)
     first = draw(k_first, distribution(tlogits, sp, mode), mode.greedy)
     first_logp = jnp.take_along_axis(jax.nn.log_softmax(tlogits), first[:, None], axis=-1)
@@ -222,7 +225,7 @@ def speculative_generate(
     # Both caches also hold the k drafts of the last iteration, fed beyond the final length.
     req = prepare(
         [target, draft], prompts, cfg, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-        seed=seed, extra_slots=num_draft,
+        seed=seed, extra_slots=num_draft, rollback=num_draft,
     )  # fmt: skip
     state = _run(
         target,

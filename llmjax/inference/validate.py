@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llmjax.errors import InputError
@@ -209,8 +208,12 @@ def memory_bytes() -> int | None:
         return None
 
 
-def capacity(model, batch: int, cache_len: int, max_new_tokens: int) -> None:
-    """Refuse a cache the model cannot index or this machine cannot hold, before allocating it."""
+def capacity(model, batch: int, cache_len: int, max_new_tokens: int, rollback: int = 0) -> None:
+    """Refuse a cache the model cannot index or this machine cannot hold, before allocating it.
+
+    The bytes are those of ``model.init_cache(batch, cache_len, rollback=rollback)``'s arrays
+    (sliding-window layers hold ring buffers), from their shapes: nothing is allocated.
+    """
     cfg = model.config
     if cfg.position == "learned" and cache_len > cfg.max_seq_len:
         fail(
@@ -221,9 +224,8 @@ def capacity(model, batch: int, cache_len: int, max_new_tokens: int) -> None:
         )
     if cache_len > INT32_MAX:
         fail("max_new_tokens", max_new_tokens, f"the cache would need {cache_len} > 2**31-1 slots")
-    itemsize = jnp.dtype(cfg.dtype).itemsize
-    need = 2 * cfg.n_layers * batch * cfg.resolved_kv_heads * cache_len
-    need *= cfg.resolved_head_dim * itemsize
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, cache_len, rollback=rollback))
+    need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
     have = memory_bytes()
     if have is not None and need > have:
         fail(

@@ -20,9 +20,23 @@ def test_cache_decoding_equals_full_forward(preset):
     """Greedy tokens are the full forward's argmax and log-probs match it, past every window."""
     model = llmjax.build(preset, init_std=0.3)
     params = model.init(jax.random.key(1))
-    out = generate(model, params, PROMPTS, max_new_tokens=24)  # 6 + 24 > sliding window 16
-    assert out.lengths == [24, 24, 24] and not any(out.stopped)
-    for prompt, toks, logps in zip(PROMPTS, out.tokens, out.logprobs, strict=True):
+    assert_greedy_matches_full_forward(model, params, PROMPTS)  # 6 + 24 > sliding window 16
+
+
+@pytest.mark.parametrize("preset", ["mistral-tiny", "gemma2-tiny", "gemma3-tiny"])
+def test_ring_cache_decoding_past_a_short_window_equals_full_forward(preset):
+    """Window 4: prompts longer than it in a padded batch, 24 tokens generated past it; the
+    sliding-window layers decode from ring buffers of 4 entries."""
+    model = llmjax.build(preset, init_std=0.3, sliding_window=4)
+    params = model.init(jax.random.key(1))
+    assert model.init_cache(3, 33).ring_len == 4
+    assert_greedy_matches_full_forward(model, params, [PROMPTS[0] * 2, PROMPTS[1], PROMPTS[2]])
+
+
+def assert_greedy_matches_full_forward(model, params, prompts):
+    out = generate(model, params, prompts, max_new_tokens=24)
+    assert out.lengths == [24] * len(prompts) and not any(out.stopped)
+    for prompt, toks, logps in zip(prompts, out.tokens, out.logprobs, strict=True):
         ref = step_logits(model, params, prompt, toks)
         chosen = ref[np.arange(len(toks)), toks]
         np.testing.assert_array_less(ref.max(-1) - chosen, 1e-4)  # argmax up to rounding
