@@ -11,6 +11,12 @@ a teacher, a quantized base; empty for pretraining), ``batch`` a dict of ``[B, .
 - ``num_tokens``: real (non-padding) input tokens processed; the loop's tokens/s and TRL's
   ``num_tokens`` count these.
 
+Chunked cross-entropy: ``next_token_loss`` and ``target_logprobs`` read the model's hidden
+states and project ``chunk`` tokens per device to the vocabulary at a time
+(``chunked_logit_stats``, with a custom VJP), so float32 ``[B, T, V]`` logits never exist;
+``chunk=0`` takes the full logits. ``target_stats`` gives each token's target logit, ``log Z`` and
+arg-max hit either way.
+
 Knowledge distillation: ``distill_loss`` (forward KL, reverse KL or generalized JSD between student
 and teacher logits) and ``teacher_top_k`` / ``distill_loss_top_k`` (a teacher's top-k, cacheable
 offline); ``sequence_logprobs`` scores whole sequences.
@@ -25,12 +31,23 @@ Reinforcement learning on verifiable rewards (GRPO, Dr. GRPO, DAPO, PPO), with T
 ``POLICY_LOSSES``), ``token_entropy``, and PPO's ``gae`` and ``value_loss``.
 """
 
+from llmjax.losses.chunked import (
+    DEFAULT_CHUNK,
+    LogitStats,
+    chunked_logit_stats,
+    head_logit_stats,
+    head_weight,
+    plain_logit_stats,
+)
 from llmjax.losses.core import (
     SUMMED,
+    cross_entropy_of_stats,
     masked_cross_entropy,
     next_token_loss,
     real_tokens,
     sequence_logprobs,
+    target_logprobs,
+    target_stats,
 )
 from llmjax.losses.distill import (
     DISTILL_KINDS,
@@ -61,25 +78,34 @@ from llmjax.losses.rl import (
 
 __all__ = [
     "ADVANTAGE_SCALES",
+    "DEFAULT_CHUNK",
     "DISTILL_KINDS",
+    "LogitStats",
     "ORPO_MAX_LOGP",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "SUMMED",
     "TOP_K_RESTS",
+    "chunked_logit_stats",
+    "cross_entropy_of_stats",
     "distill_loss",
     "distill_loss_top_k",
     "gae",
     "group_advantages",
+    "head_logit_stats",
+    "head_weight",
     "masked_cross_entropy",
     "next_token_loss",
     "orpo_loss",
+    "plain_logit_stats",
     "policy_loss",
     "preference_loss",
     "real_tokens",
     "reward_model_loss",
     "sequence_logprobs",
     "simpo_loss",
+    "target_logprobs",
+    "target_stats",
     "teacher_log_normalizer",
     "teacher_top_k",
     "token_entropy",

@@ -8,6 +8,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llmjax.errors import ConfigError
+from llmjax.losses.chunked import DEFAULT_CHUNK, LogitStats, head_logit_stats, plain_logit_stats
+
 # aux keys that add up over micro-batches; every other metric is a mean weighted by ``tokens``.
 SUMMED = ("tokens", "num_tokens")
 
@@ -17,24 +20,36 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0, a
 
     Computed in float32 whatever the logits' dtype: the log-sum-exp of a bfloat16 vocabulary
     row loses the digits the loss is made of. ``accuracy`` adds ``mean_token_accuracy``: the
-    fraction of scored tokens whose target is the arg-max (TRL's name).
+    fraction of scored tokens whose target is the arg-max (TRL's name). Targets the mask leaves
+    out may hold anything, -100 included.
     """
     logits = logits_BTV.astype(jnp.float32)
+    # Only what the mask multiplies by 0 changes: an out-of-range id there would gather NaN.
+    targets_BT = jnp.where(mask_BT.astype(bool), targets_BT, 0)
     log_z_BT = jax.nn.logsumexp(logits, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    nll_BT = log_z_BT - target_logit_BT
+    hit_BT = (jnp.argmax(logits, axis=-1) == targets_BT) if accuracy else None
+    return _cross_entropy(LogitStats(target_logit_BT, log_z_BT, hit_BT), mask_BT, z_loss)
+
+
+def cross_entropy_of_stats(stats: LogitStats, mask_BT, z_loss: float = 0.0, accuracy=False):
+    """``masked_cross_entropy`` from per-token ``LogitStats`` (``chunked_logit_stats``)."""
+    return _cross_entropy(stats if accuracy else stats._replace(hit=None), mask_BT, z_loss)
+
+
+def _cross_entropy(stats: LogitStats, mask_BT, z_loss: float):
+    nll_BT = stats.log_z - stats.target
     mask = mask_BT.astype(jnp.float32)
     count = jnp.maximum(mask.sum(), 1.0)
     nll = (nll_BT * mask).sum() / count
     loss = nll
     metrics = {"nll": nll, "tokens": mask.sum()}
     if z_loss:
-        zl = (jnp.square(log_z_BT) * mask).sum() / count
+        zl = (jnp.square(stats.log_z) * mask).sum() / count
         loss = loss + z_loss * zl
         metrics["z_loss"] = zl
-    if accuracy:
-        hit_BT = jnp.argmax(logits, axis=-1) == targets_BT
-        metrics["mean_token_accuracy"] = (hit_BT * mask).sum() / count
+    if stats.hit is not None:
+        metrics["mean_token_accuracy"] = (stats.hit * mask).sum() / count
     return loss, metrics
 
 
@@ -45,7 +60,9 @@ def real_tokens(batch) -> jax.Array:
     return jnp.float32(batch["tokens"].size)
 
 
-def next_token_loss(model, z_loss: float = 0.0, accuracy: bool = False):
+def next_token_loss(
+    model, z_loss: float = 0.0, accuracy: bool = False, chunk: int | None = DEFAULT_CHUNK
+):
     """Next-token cross entropy for ``model`` over a packed or padded batch.
 
     The batch holds ``tokens``, ``targets``, ``positions``, ``segment_ids`` and ``loss_mask``
@@ -53,28 +70,121 @@ def next_token_loss(model, z_loss: float = 0.0, accuracy: bool = False):
     the completion's (its data sets ``loss_mask``). Takes the model's parameters as ``params``;
     ``frozen`` is unused.
 
+    ``chunk`` tokens per device are projected to the vocabulary at a time
+    (``llmjax.losses.chunked``), so float32 ``[B, T, V]`` logits never exist; the loss, its
+    gradients and the metrics equal the plain path's, which ``chunk=0`` (or None) takes.
+
     A mixture-of-experts model adds ``router_aux_coef * balance + router_z_coef * z`` with the
     coefficients of its config (the losses over every real input token, see
     ``llmjax.layers.moe.aux_losses``), reported as ``moe/balance_loss`` and ``moe/router_z_loss``.
     """
     cfg = model.config
+    _check_chunk(chunk)
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng  # no dropout in the model zoo's decoders
-        logits, moe_aux = apply_routed(
-            model,
-            params,
-            batch["tokens"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-        )
-        loss, aux = masked_cross_entropy(
-            logits, batch["targets"], batch["loss_mask"], z_loss, accuracy
-        )
+        inputs = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
+        targets, mask = batch["targets"], batch["loss_mask"]
+        if chunk:
+            stats, moe_aux = target_stats(
+                model, params, batch["tokens"], targets, mask, chunk=chunk, routed=True, **inputs
+            )
+            loss, aux = cross_entropy_of_stats(stats, mask, z_loss, accuracy)
+        else:
+            logits, moe_aux = apply_routed(model, params, batch["tokens"], **inputs)
+            loss, aux = masked_cross_entropy(logits, targets, mask, z_loss, accuracy)
         loss, aux = add_router_loss(cfg, moe_aux, loss, aux)
         return loss, {**aux, "num_tokens": real_tokens(batch)}
 
     return loss_fn
+
+
+def target_stats(
+    model,
+    params,
+    tokens,
+    targets_BT,
+    mask_BT=None,
+    *,
+    temperature: float = 1.0,
+    chunk: int | None = DEFAULT_CHUNK,
+    routed: bool = False,
+    **inputs,
+):
+    """``(LogitStats, moe_aux)`` of ``model``'s logits over ``tokens`` at ``targets_BT``.
+
+    ``inputs`` go to ``model.apply`` (positions, segment ids, attention mask). With ``chunk``
+    the statistics come from the hidden states, ``chunk`` tokens per device at a time
+    (``llmjax.losses.chunked.head_logit_stats``); with ``chunk=0`` or None from the full logits
+    (``plain_logit_stats``). ``temperature`` divides the logits (a sampler's). ``mask_BT`` marks
+    the tokens read: the others may hold any target. ``routed=True`` runs ``apply_routed``,
+    whose router losses come back as ``moe_aux`` (None otherwise, and for a dense model).
+    """
+    _check_chunk(chunk)
+    run = apply_routed if routed else _apply_plain
+    if chunk:
+        hidden, moe_aux = run(model, params, tokens, return_hidden=True, **inputs)
+        stats = head_logit_stats(
+            model.config,
+            params,
+            hidden,
+            targets_BT,
+            mask_BT,
+            temperature=temperature,
+            chunk=chunk,
+        )
+        return stats, moe_aux
+    logits, moe_aux = run(model, params, tokens, **inputs)
+    return plain_logit_stats(logits, targets_BT, mask_BT, temperature=temperature), moe_aux
+
+
+def target_logprobs(
+    model,
+    params,
+    tokens,
+    targets_BT,
+    mask_BT=None,
+    *,
+    temperature: float = 1.0,
+    chunk: int | None = DEFAULT_CHUNK,
+    return_aux: bool = False,
+    **inputs,
+):
+    """float32 ``[B, T]``: ``log softmax(logits / temperature)[target]`` of ``model`` at each
+    token, 0 where ``mask_BT`` (optional, bool or float) is unset; see ``target_stats``.
+
+    ``(target_logprobs(...) * mask).sum(-1)`` is ``sequence_logprobs(logits, targets, mask)``
+    without the logits. ``return_aux=True`` returns ``(logprobs, moe_aux)`` with a
+    mixture-of-experts model's router losses (``apply_routed``; None for a dense model).
+    """
+    stats, moe_aux = target_stats(
+        model,
+        params,
+        tokens,
+        targets_BT,
+        mask_BT,
+        temperature=temperature,
+        chunk=chunk,
+        routed=return_aux,
+        **inputs,
+    )
+    logp = stats.logp
+    if mask_BT is not None:
+        logp = jnp.where(mask_BT.astype(bool), logp, 0.0)
+    return (logp, moe_aux) if return_aux else logp
+
+
+def _apply_plain(model, params, tokens, **kwargs):
+    return model.apply(params, tokens, **kwargs), None
+
+
+def _check_chunk(chunk) -> None:
+    if chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
+        return
+    raise ConfigError(
+        f"chunk={chunk!r} must be a non-negative int: tokens per device projected to the "
+        "vocabulary at a time, 0 or None for the full logits"
+    )
 
 
 def apply_routed(model, params, tokens, **kwargs):

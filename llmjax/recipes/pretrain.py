@@ -129,8 +129,8 @@ def task(cfg: TrainConfig, model, data: Data) -> Task:
     return Task(
         params=model.init,
         axes=model.param_axes(),
-        loss=next_token_loss(model, cfg.loop.z_loss),
-        eval_loss=next_token_loss(model),
+        loss=next_token_loss(model, cfg.loop.z_loss, chunk=cfg.loop.ce_chunk),
+        eval_loss=next_token_loss(model, chunk=cfg.loop.ce_chunk),
         train=data.train,
         heldout=lambda batch_size, n: eval_batches(data.heldout, batch_size, n),
         model=cfg.model,

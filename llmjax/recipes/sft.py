@@ -220,7 +220,7 @@ def trainable(cfg, model, params) -> Trainable:
 def task(cfg: SFTConfig, base: Base, data: SFTData, log=print) -> Task:
     """The fine-tuning ``Task``: what trains, what stays frozen, the loss and the evaluation."""
     model = base.model
-    scored = next_token_loss(model, accuracy=True)
+    scored = next_token_loss(model, accuracy=True, chunk=cfg.loop.ce_chunk)
     t = trainable(cfg, model, base.params)
     identity = {
         "tokenizer_sha256": data.tokenizer.sha256,

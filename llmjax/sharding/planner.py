@@ -2,7 +2,9 @@
 
 Parameters, gradients and optimizer state are exact (shapes and the rule table's shardings).
 Activations follow a per-token model of what the backward pass keeps alive under each remat policy;
-``tests/sharding/test_planner.py`` checks the totals against XLA's compiled memory analysis.
+``tests/sharding/test_planner.py`` checks the totals against XLA's compiled memory analysis. The
+output layer counts the chunked cross-entropy's buffers (``llmjax.losses.chunked``) that the
+training losses use, or with ``ce_chunk=0`` the full float32 logits and their gradient.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from jax.sharding import AbstractMesh
 
 from llmjax import axes
 from llmjax.config import ConfigError, ModelConfig, dtype_of
+from llmjax.losses.chunked import DEFAULT_CHUNK
 from llmjax.models.model import Model
 from llmjax.sharding.mesh import MeshConfig
 from llmjax.sharding.rules import (
@@ -42,6 +45,9 @@ class Plan:
     devices: int
     expert_params: int = 0  # of ``params``: mixture-of-experts weights (router included)
     dispatch: int = 0  # of ``activations``: the MoE layers' (dispatch buffers, expert MLPs)
+    logits: int = 0  # of ``activations``: the output layer's float32 logits (see logits_bytes)
+    ce_chunk: int = 0  # tokens per device and step of the chunked cross-entropy; 0: full logits
+    full_logits: int = 0  # what the full logits and their gradient would take instead
 
     @property
     def total(self) -> int:
@@ -58,6 +64,7 @@ class Plan:
             ("optimizer state", self.optimizer),
             ("activations", self.activations),
             ("  of which MoE", self.dispatch),
+            ("  of which logits", self.logits),
             ("total", self.total),
         ]
         rows = [(name, b) for name, b in rows if b or not name.startswith(" ")]
@@ -68,6 +75,11 @@ class Plan:
             lines.append(
                 f"{verdict} in {hbm_bytes / 2**30:.1f} GiB "
                 f"({100 * self.total / hbm_bytes:.0f}% used)"
+            )
+        if self.ce_chunk:
+            lines.append(
+                f"chunked cross-entropy ({self.ce_chunk} tokens per step) saves "
+                f"{(self.full_logits - self.logits) / 2**30:.3f} GiB against full [B, T, V] logits"
             )
         return "\n".join(lines)
 
@@ -142,14 +154,36 @@ def moe_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, remat: str, ep:
     return tokens * (moe_layers * per_layer + (0 if remat == "none" else kept))
 
 
+def logits_bytes(cfg: ModelConfig, tokens: int, tp: int, ce_chunk: int | None) -> int:
+    """Bytes of the output layer for ``tokens`` per device, the vocabulary split ``tp`` ways.
+
+    Without ``ce_chunk``: the float32 logits ``[tokens, V]`` and their gradient. With it, the
+    chunked cross-entropy's one float32 ``[rows, V]`` block of logits (``rows <= ce_chunk``, the
+    chunk ``llmjax.losses.chunked`` takes; the backward pass turns the recomputed block into its
+    gradient in place) and its float32 accumulator of the head's gradient ``[D, V]``, which each
+    device keeps whole along ``D`` so that the sum over devices happens once.
+    """
+    V = max(cfg.vocab_size // tp, 1)
+    if not ce_chunk:
+        return tokens * 2 * 4 * V
+    rows = math.ceil(tokens / math.ceil(tokens / ce_chunk))
+    return 4 * V * (rows + cfg.d_model)
+
+
 def activation_bytes(
-    cfg: ModelConfig, tokens: int, seq_len: int, tp: int, remat: str, ep: int = 1
+    cfg: ModelConfig,
+    tokens: int,
+    seq_len: int,
+    tp: int,
+    remat: str,
+    ep: int = 1,
+    ce_chunk: int | None = DEFAULT_CHUNK,
 ) -> int:
     """Bytes kept for the backward pass (plus the transient peak of one layer) for ``tokens``;
-    ``ep``: devices on the expert axis when mixture-of-experts layers dispatch over it."""
+    ``ep``: devices on the expert axis when mixture-of-experts layers dispatch over it;
+    ``ce_chunk``: the loss's chunk (``logits_bytes``)."""
     b = np.dtype(dtype_of(cfg.dtype)).itemsize
     D, H, K, C = cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
-    V = cfg.vocab_size
     h, k = max(H // tp, 1), max(K // tp, 1)
     # One layer, per token: norm inputs and outputs, residuals and projections (8 x D); q/k/v
     # before and after RoPE (which works in float32); the attention output; the feed-forward's
@@ -172,9 +206,7 @@ def activation_bytes(
         per_token += {"none": layer, "dots": attn_dots + ffn_dots, "full": b * D}[remat]
         peak = max(peak, layer)
     per_token += 0 if remat == "none" else peak
-    # Float32 logits and their gradient (the vocabulary splits over tensor).
-    per_token += 2 * 4 * max(V // tp, 1)
-    return tokens * per_token
+    return tokens * per_token + logits_bytes(cfg, tokens, tp, ce_chunk)
 
 
 def plan(
@@ -186,8 +218,10 @@ def plan(
     rules: str | Rules = "fsdp",
     remat: str | None = None,
     optimizer: str = "adamw",
+    ce_chunk: int | None = DEFAULT_CHUNK,
 ) -> Plan:
-    """Estimate bytes per device for one training step of ``cfg`` on ``mesh``."""
+    """Estimate bytes per device for one training step of ``cfg`` on ``mesh``; ``ce_chunk`` is
+    the loss's (``next_token_loss(..., chunk=...)``), 0 or None for full logits."""
     if isinstance(mesh, str):
         mesh = MeshConfig.parse(mesh)
     if isinstance(mesh, MeshConfig):
@@ -211,6 +245,8 @@ def plan(
         raise ConfigError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_MOMENTS)}")
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch size {batch_size} and seq_len {seq_len} must be at least 1")
+    if ce_chunk is not None and not (isinstance(ce_chunk, int) and ce_chunk >= 0):
+        raise ConfigError(f"ce_chunk={ce_chunk!r}: expected tokens per step >= 1, or 0 for none")
     batch_ways = math.prod(sizes[a] for a in BATCH_AXES)
     if batch_size % batch_ways:
         raise ShardingError(
@@ -221,7 +257,9 @@ def plan(
     tp = sizes["tensor"] if "tensor" in _mesh_axes_used(rules) else 1
     tokens = batch_size // batch_ways * max(seq_len // sizes["sequence"], 1)
     ep = sizes["expert"] if rules.activations.get(axes.ACT_EXPERTS) == "expert" else 1
-    activations = activation_bytes(cfg.replace(remat=remat), tokens, seq_len, tp, remat, ep)
+    activations = activation_bytes(
+        cfg.replace(remat=remat), tokens, seq_len, tp, remat, ep, ce_chunk
+    )
     dispatch = moe_activation_bytes(cfg, tokens, tp, remat, ep)
     # The embedding table is gathered whole for the token lookup when it is sharded; sharded only
     # over fsdp, its gradient is also built whole before the reduce-scatter.
@@ -238,6 +276,9 @@ def plan(
         devices=math.prod(sizes.values()),
         expert_params=expert_params,
         dispatch=dispatch,
+        logits=logits_bytes(cfg, tokens, tp, ce_chunk),
+        ce_chunk=ce_chunk or 0,
+        full_logits=logits_bytes(cfg, tokens, tp, None),
     )
 
 
@@ -263,6 +304,7 @@ def alternatives(
     remat: str | None,
     optimizer: str,
     hbm_bytes: float,
+    ce_chunk: int | None = DEFAULT_CHUNK,
 ) -> list[tuple[str, Plan]]:
     """Changes to a plan that does not fit, each re-planned: ``(flags, plan)`` in this order.
 
@@ -277,7 +319,7 @@ def alternatives(
     def replan(c, r, s=sizes, b=batch_size):
         return plan(
             c, s, batch_size=b, seq_len=seq_len, rules=rules or default_rules(s), remat=r,
-            optimizer=optimizer,
+            optimizer=optimizer, ce_chunk=ce_chunk,
         )  # fmt: skip
 
     def more_devices(c, r):
@@ -328,6 +370,18 @@ def alternatives(
             if found:
                 out.append((" ".join([*base, found[0]]), found[1]))
     return out
+
+
+def _chunk_arg(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (0: full logits), got {value}")
+    return value
 
 
 def parser():
@@ -393,6 +447,14 @@ def parser():
         help="sets the optimizer state's size",
     )
     ap.add_argument(
+        "--ce-chunk",
+        type=_chunk_arg,
+        default=DEFAULT_CHUNK,
+        metavar="N",
+        help="tokens per device the chunked cross-entropy projects to the vocabulary at a time "
+        "(the training losses' chunk); 0: full [B, T, V] logits",
+    )
+    ap.add_argument(
         "--hbm",
         type=float,
         default=None,
@@ -431,6 +493,7 @@ def main(argv=None) -> int:
         rules=rules,
         remat=args.remat,
         optimizer=args.optimizer,
+        ce_chunk=args.ce_chunk,
     )
     print(
         f"{cfg.name}: {_param_model(cfg).num_params():,} parameters; mesh {args.mesh} "
@@ -443,7 +506,7 @@ def main(argv=None) -> int:
     if hbm and not p.fits(hbm):
         options = alternatives(
             cfg, sizes, batch_size=args.batch, seq_len=args.seq_len, rules=args.rules,
-            remat=args.remat, optimizer=args.optimizer, hbm_bytes=hbm,
+            remat=args.remat, optimizer=args.optimizer, hbm_bytes=hbm, ce_chunk=args.ce_chunk,
         )  # fmt: skip
         if not options:
             print(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from llmjax.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: F401
 from llmjax.data.pipeline import DataConfig
 from llmjax.errors import UnknownName
+from llmjax.losses.chunked import DEFAULT_CHUNK
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -51,6 +52,9 @@ class LoopConfig:
     steps: int = 300
     grad_accum: int = 1  # micro-batches per step; data.batch_size is the whole step's batch
     z_loss: float = 0.0  # weight of log(Z)^2, which keeps the softmax normaliser near 1
+    # Tokens per device the next-token loss projects to the vocabulary at a time (chunked
+    # cross-entropy: float32 [B, T, V] logits never exist); 0: the full logits.
+    ce_chunk: int = DEFAULT_CHUNK
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
@@ -68,7 +72,7 @@ class LoopConfig:
         for name in ("steps", "grad_accum", "log_every", "eval_batches", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"loop.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("eval_every", "save_every", "sample_tokens"):
+        for name in ("eval_every", "save_every", "sample_tokens", "ce_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loop.{name}={getattr(self, name)}: must be >= 0")
 

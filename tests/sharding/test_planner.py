@@ -159,3 +159,35 @@ def test_plan_help_shows_every_default(capsys):
     assert cli_main(["plan", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: adamw)" in text and "(default: the preset's)" in text
+
+
+def test_plan_counts_chunked_logits_and_reports_the_saving(capsys):
+    """The loss's chunked cross-entropy keeps one float32 [chunk, V] block and a float32 [D, V]
+    head-gradient accumulator instead of [tokens, V] logits and their gradient; the table shows
+    the logits' share and the saving."""
+    cfg = llmjax.build("llama3.1-8b").config
+    V, D = cfg.vocab_size, cfg.d_model
+    kw = dict(batch_size=8, seq_len=16384, rules="fsdp", remat="full")
+    chunked, full = plan(cfg, "fsdp=8", **kw), plan(cfg, "fsdp=8", **kw, ce_chunk=0)
+    tokens = 16384  # per device: one sequence each
+    assert full.logits == full.full_logits == tokens * 2 * 4 * V
+    assert chunked.logits == 4 * V * (1024 + D) and chunked.full_logits == full.logits
+    saved = full.activations - chunked.activations
+    assert saved == full.logits - chunked.logits and saved > 13 * 2**30
+    assert full.total - chunked.total == saved
+    # Chunks of equal size: 1000 tokens per device in one chunk of 1000 rows, not 1024.
+    short = plan(cfg, "fsdp=8", batch_size=8, seq_len=1000, rules="fsdp", remat="full")
+    assert short.logits == 4 * V * (1000 + D)
+    # The vocabulary split over tensor splits both buffers.
+    tp = plan(cfg, "fsdp=4,tensor=2", **kw | {"rules": "fsdp_tp"})
+    assert tp.logits == 4 * (V // 2) * (1024 + D)
+
+    argv = ["--preset", "llama3-8b", "--mesh", "fsdp=8", "--batch", "8", "--seq-len", "16384"]
+    out = _plan_output(capsys, argv)
+    gib = (full.logits - chunked.logits) / 2**30
+    assert f"chunked cross-entropy (1024 tokens per step) saves {gib:.3f} GiB" in out
+    assert "of which logits" in out
+    out = _plan_output(capsys, [*argv, "--ce-chunk", "0"])
+    assert "chunked cross-entropy" not in out and "of which logits" in out
+    with pytest.raises(ValueError, match="ce_chunk"):
+        plan(cfg, "fsdp=8", **kw, ce_chunk=-1)
