@@ -7,8 +7,10 @@ abstract inputs (``jax.eval_shape``): nothing is allocated, so full-size shapes 
 
     python bench/compile_depth.py --layers 4 8 16 32 --seq-len 2048 --batch-size 1
 
-With layers an unrolled list every quantity grows linearly with depth; this is the baseline a
-scan over layers is measured against. The last printed line is one JSON object.
+Each depth is measured with the layers unrolled and scanned (``scan_layers``, see
+``llmjax.models.scan``): unrolled, every quantity grows linearly with depth; scanned, the program
+holds one block and stays the same size. ``temp GiB`` is XLA's temporary memory of the compiled
+step (its ``memory_analysis``). The last printed line is one JSON object.
 """
 
 from __future__ import annotations
@@ -49,13 +51,16 @@ def measure(cfg, B: int, T: int) -> dict:
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    temp = compiled.memory_analysis()
     return {
+        "layout": "scanned" if cfg.scan_layers else "unrolled",
         "layers": cfg.n_layers,
         "params": model.num_params(),
         "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
         "stablehlo_chars": len(lowered.as_text()),
         "hlo_chars": len(compiled.as_text()),
+        "temp_gib": None if temp is None else round(temp.temp_size_in_bytes / 2**30, 3),
     }
 
 
@@ -65,19 +70,31 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--remat", choices=["none", "full", "dots"], default=None, help="model.remat")
+    p.add_argument(
+        "--layouts", nargs="+", choices=["unrolled", "scanned"], default=["unrolled", "scanned"]
+    )
     args = p.parse_args(argv)
     base = llmjax.presets.get(args.preset)
+    if args.remat is not None:
+        base = dataclasses.replace(base, remat=args.remat)
     rows = []
-    print(f"{'layers':>6}{'params':>16}{'lower s':>9}{'compile s':>10}{'StableHLO':>11}{'HLO':>11}")
+    print(
+        f"{'layout':>9}{'layers':>7}{'params':>16}{'lower s':>9}{'compile s':>10}"
+        f"{'StableHLO':>11}{'HLO':>11}{'temp GiB':>10}"
+    )
     for n in args.layers:
-        r = measure(dataclasses.replace(base, n_layers=n), args.batch_size, args.seq_len)
-        rows.append(r)
-        print(
-            f"{n:>6}{r['params']:>16,}{r['lower_s']:>9.2f}{r['compile_s']:>10.2f}"
-            f"{r['stablehlo_chars']:>11,}{r['hlo_chars']:>11,}",
-            flush=True,
-        )
-    print(json.dumps({"preset": args.preset, "device": jax.devices()[0].device_kind, "rows": rows}))
+        for layout in args.layouts:
+            cfg = dataclasses.replace(base, n_layers=n, scan_layers=layout == "scanned")
+            r = measure(cfg, args.batch_size, args.seq_len)
+            rows.append(r)
+            print(
+                f"{layout:>9}{n:>7}{r['params']:>16,}{r['lower_s']:>9.2f}{r['compile_s']:>10.2f}"
+                f"{r['stablehlo_chars']:>11,}{r['hlo_chars']:>11,}{r['temp_gib'] or 0:>10.3f}",
+                flush=True,
+            )
+    meta = {"preset": args.preset, "remat": base.remat, "device": jax.devices()[0].device_kind}
+    print(json.dumps({**meta, "rows": rows}))
     return rows
 
 

@@ -60,6 +60,7 @@ def model_config(args):
         "max_seq_len": max(args.seq_len, cfg.max_seq_len),
         "dtype": args.dtype,
         "remat": args.remat,
+        "scan_layers": args.scan_layers,
     }
     if args.d_model:
         changes["d_model"] = args.d_model
@@ -91,6 +92,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--scan-layers", action="store_true", help="one lax.scan over stacked layers")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
 
@@ -144,6 +146,7 @@ def main(argv=None):
         "batch_size": B,
         "dtype": args.dtype,
         "remat": args.remat,
+        "scan_layers": args.scan_layers,
         "device": jax.devices()[0].device_kind,
         "num_devices": 1,
         "compile_s": round(compile_s, 2),

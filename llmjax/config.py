@@ -138,6 +138,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: str = "none"
+    # Run repeating layers as one ``jax.lax.scan`` over parameters stacked along a leading
+    # ``layers`` axis (``llmjax.models.scan``): compile time and program size stay flat in depth.
+    scan_layers: bool = False
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -203,6 +206,7 @@ class ModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"expected one of {DTYPES}")
         need(self.remat in REMAT, "remat", f"expected one of {REMAT}")
+        need(isinstance(self.scan_layers, bool), "scan_layers", "must be True or False")
         self._check_moe(need)
 
     def _check_moe(self, need):

@@ -35,6 +35,7 @@ from flax import struct
 from llmjax.errors import ConfigError, InputError
 from llmjax.inference.quantize import QuantizedTensor, linear_input_axes
 from llmjax.layers.params import flat_einsum
+from llmjax.models.scan import require_unrolled
 
 # Every attention and MLP projection of every layer; not the output head or the embeddings.
 DEFAULT_TARGETS = r"layers\.\d+\.(attn\.(wq|wk|wv|wo)|mlp\.(gate|up|down))"
@@ -114,6 +115,7 @@ def nest(items) -> dict:
 
 def linear_params(model) -> dict[str, tuple[tuple, tuple, int]]:
     """Every weight LoRA can adapt: dotted path -> (keys, shape, number of leading input dims)."""
+    require_unrolled(model.config, "LoRA")
     shapes = dict(_leaves(model.abstract_params()))
     out = {}
     for keys, names in _leaves(model.param_axes()):

@@ -37,6 +37,7 @@ from flax import struct
 
 from llmjax import axes as ax
 from llmjax.errors import InputError
+from llmjax.models.scan import require_unrolled
 
 MODES = ("int8", "int4", "nf4")
 
@@ -170,6 +171,7 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str 
     """``params`` with every linear weight replaced by a ``QuantizedTensor`` (see module doc),
     except those whose dotted path (``lm_head``, ``layers.0.attn.wq``) matches the regex ``keep``
     whole: they stay as they are."""
+    require_unrolled(model.config, "quantize")
     names = model.param_axes()
     if mode not in MODES:
         raise InputError(f"quantization mode={mode!r}: give one of {MODES}")

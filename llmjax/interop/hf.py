@@ -28,6 +28,7 @@ from llmjax.interop.hf_tensors import (  # noqa: F401  (Tensor and the layouts a
     to_llmjax,
 )
 from llmjax.models.model import Model
+from llmjax.models.scan import stack_layers, unstack_layers
 
 CheckpointError = HFCheckpointError  # the name this module has always raised
 
@@ -159,8 +160,11 @@ def load_tensors(
     shardings=None,
     head: list[Tensor] | None = None,
     name: str | None = None,
+    on_host: bool = False,
 ) -> dict[str, object]:
     """The flat llmjax parameters (``shapes``' paths) held by the checkpoint in ``path``.
+
+    ``on_host`` keeps them as numpy arrays instead of placing them on devices.
 
     ``head`` entries replace ``lm_head.weight`` (a classifier's ``score.weight``); ``name`` is the
     architecture the messages call the checkpoint (default ``arch``).
@@ -211,9 +215,9 @@ def load_tensors(
                 # jax on CPU adopts an aligned host buffer instead of copying it; a view of the
                 # file's mapping would tie the params to the file (an in-place rewrite changes them).
                 a = a.copy()
-            flat[p] = jax.device_put(a, flat_shardings.get(p))
+            flat[p] = a if on_host else jax.device_put(a, flat_shardings.get(p))
     for p, a in experts.items():
-        flat[p] = jax.device_put(a, flat_shardings.get(p))
+        flat[p] = a if on_host else jax.device_put(a, flat_shardings.get(p))
     return flat
 
 
@@ -234,8 +238,33 @@ def from_hf(
     hf = read_config(path)
     arch, cfg = configure(path, hf, param_dtype=param_dtype, dtype=dtype, **config_overrides)
     model = Model(cfg)
-    shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
-    return model, _unflatten(load_tensors(path, cfg, arch, shapes, shardings=shardings))
+    shapes = layer_shapes(model)
+    if not cfg.scan_layers:
+        return model, _unflatten(load_tensors(path, cfg, arch, shapes, shardings=shardings))
+    return model, stacked(model, load_tensors(path, cfg, arch, shapes, on_host=True), shardings)
+
+
+def layer_shapes(model: Model) -> dict[str, tuple[int, ...]]:
+    """The flat parameter shapes with one entry per layer, as checkpoints store them (a scanned
+    model's stacks are converted after loading and before writing, ``llmjax.models.scan``)."""
+    if model.config.scan_layers:
+        model = Model(model.config.replace(scan_layers=False))
+    return {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
+
+
+def stacked(model: Model, flat: dict, shardings=None) -> dict:
+    """Per-layer host arrays ``flat`` in ``model``'s scanned layout, placed by ``shardings``.
+
+    The stacks are built on the host, so each tensor reaches a device once, in its stack.
+    """
+    return jax.device_put(stack_layers(model.config, _unflatten(flat)), shardings)
+
+
+def per_layer(model: Model, flat: dict) -> dict:
+    """The checked flat params of ``model`` with one entry per layer (unstacked if scanned)."""
+    if not model.config.scan_layers:
+        return flat
+    return _flatten(unstack_layers(model.config, _unflatten(flat)))
 
 
 # Writing -------------------------------------------------------------------------------------------
@@ -296,7 +325,7 @@ def to_hf(
     hf = config_to_hf(cfg, architecture)
     path = Path(path)
     check_target(path)
-    flat = check_params(model, params)
+    flat = per_layer(model, check_params(model, params))
     table = tensor_table(cfg, hf["architectures"][0])
     return write_checkpoint(path, cfg, hf, table, flat, max_shard_bytes)
 

@@ -442,6 +442,7 @@ _RUNTIME_FIELDS = (
     "dtype",
     "attention_impl",
     "remat",
+    "scan_layers",
     "init_std",
     "router_z_coef",
     "moe_dispatch",

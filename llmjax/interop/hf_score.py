@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+
 from llmjax.errors import HFCheckpointError, InputError
 from llmjax.interop.hf import (
     Tensor,
-    _flatten,
     _unflatten,
     check_params,
     check_target,
     configure,
+    layer_shapes,
     load_tensors,
+    per_layer,
     read_config,
+    stacked,
     tensor_table,
     write_checkpoint,
 )
@@ -95,10 +99,14 @@ def from_hf_scorer(
         **config_overrides,
     )
     model = Model(cfg)
-    shapes = {k: v.shape for k, v in _flatten(model.abstract_params()).items() if k != "lm_head"}
+    shapes = {k: v for k, v in layer_shapes(model).items() if k != "lm_head"}
     shapes["score"] = (cfg.d_model,)
-    flat = load_tensors(path, cfg, lm, shapes, shardings=shardings, head=[SCORE], name=arch)
+    flat = load_tensors(
+        path, cfg, lm, shapes, shardings=shardings, head=[SCORE], name=arch, on_host=cfg.scan_layers
+    )
     head = {"score": flat.pop("score")}
+    if cfg.scan_layers:
+        return model, stacked(model, flat, shardings), jax.device_put(head)
     return model, _unflatten(flat), head
 
 
@@ -144,7 +152,7 @@ def to_hf_scorer(
     )
     path = Path(path)
     check_target(path)
-    flat = check_params(model, params, drop=("lm_head",))
+    flat = per_layer(model, check_params(model, params, drop=("lm_head",)))
     flat["score"] = check_head(model, head)
     table = [e for e in tensor_table(cfg, lm) if e.hf != "lm_head.weight"] + [SCORE]
     return write_checkpoint(path, cfg, hf, table, flat, max_shard_bytes)

@@ -261,7 +261,8 @@ class Model:
         cfg, total = self.config, 0
         for _, var in nnx.to_flat_state(self._abstract_state):
             size = int(np.prod(var.shape))
-            if var.axes[0] == axes.EXPERTS:  # [E, ...]: each token runs k of the E experts
+            names = var.axes[1:] if var.axes[0] == axes.LAYERS else var.axes  # scanned: [R, ...]
+            if names[0] == axes.EXPERTS:  # [E, ...]: each token runs k of the E experts
                 size = size // cfg.n_experts * cfg.experts_per_token
             total += size
         return total

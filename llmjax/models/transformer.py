@@ -16,6 +16,7 @@ from llmjax.layers.moe import MoE, aux_losses
 from llmjax.layers.norms import Norm
 from llmjax.layers.params import dense
 from llmjax.layers.rope import rope_tables
+from llmjax.models.scan import scan_plan
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute each block in the backward pass
@@ -77,7 +78,18 @@ class Transformer(nnx.Module):
         if cfg.position == "learned":
             pos = 0.01 * jax.random.normal(rngs.params(), (cfg.max_seq_len, cfg.d_model))
             self.pos_embed = nnx.Param(pos.astype(pdt), axes=(axes.POSITIONS, axes.EMBED))
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        plan = scan_plan(cfg)
+        # Scanned layers hold None here (true layer indices stay the keys of the others).
+        self.layers = nnx.List(
+            [None if plan.scanned(i) else Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)]
+        )
+        if plan.repeats:
+            self.blocks = nnx.List(
+                [
+                    _stacked_block(cfg, plan.layer(0, j), plan.repeats, rngs)
+                    for j in range(plan.period)
+                ]
+            )
         self.final_norm = Norm(cfg, cfg.d_model)
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg, rngs, (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB))
@@ -99,24 +111,33 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dt)
         x = axes.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
 
-        tables = {}  # one cos/sin table per distinct RoPE config (global and local layers)
-        new_cache, stats = [], None
-        for i, block in enumerate(self.layers):
-            rope_cs = None
-            if cfg.position == "rope":
-                rope = cfg.layer_rope(i)
-                if rope not in tables:
-                    tables[rope] = rope_tables(rope, cfg.resolved_head_dim, positions_BT)
-                rope_cs = tables[rope]
-            layer_cache = None if cache is None else cache[i]
+        # One cos/sin table per distinct RoPE config (global and local layers), made out here so
+        # that the scanned and the unrolled layers share it.
+        tables = {}
+        if cfg.position == "rope":
+            for rope in {cfg.layer_rope(i) for i in range(cfg.n_layers)}:
+                tables[rope] = rope_tables(rope, cfg.resolved_head_dim, positions_BT)
+
+        def run(block, i, x, layer_cache):
+            rope_cs = tables[cfg.layer_rope(i)] if cfg.position == "rope" else None
             if cfg.remat != "none":
                 call = nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[cfg.remat])
-                x, layer_cache, layer_stats = call(block, x, rope_cs, ctx, layer_cache)
-            else:
-                x, layer_cache, layer_stats = block(x, rope_cs, ctx, layer_cache)
+                return call(block, x, rope_cs, ctx, layer_cache)
+            return block(x, rope_cs, ctx, layer_cache)
+
+        plan = scan_plan(cfg)
+        new_cache, stats = [], None
+        for i in range(cfg.n_layers):
+            if plan.scanned(i) and cache is None:
+                if i == plan.head:
+                    x, layer_stats = self._scan(run, x)
+                    stats = _add(stats, layer_stats)
+                continue
+            # A cache is per layer: a scanned layer then runs alone, on its slice of the stack.
+            block = self._stacked_layer(i) if plan.scanned(i) else self.layers[i]
+            x, layer_cache, layer_stats = run(block, i, x, None if cache is None else cache[i])
             new_cache.append(layer_cache)
-            if layer_stats is not None:
-                stats = layer_stats if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+            stats = _add(stats, layer_stats)
         aux = {} if stats is None else aux_losses(stats, cfg.n_experts)
         new_cache = None if cache is None else tuple(new_cache)
 
@@ -138,3 +159,45 @@ class Transformer(nnx.Module):
             logits = cap * jnp.tanh(logits / cap)
         logits = axes.constrain(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
         return logits, new_cache, aux
+
+    def _scan(self, run, x):
+        """The scanned layers: one ``lax.scan`` step runs the period's blocks in order."""
+        plan = scan_plan(self.cfg)
+        graphs, stacks = zip(*(nnx.split(b) for b in self.blocks), strict=True)
+
+        def step(x, states):
+            stats = None
+            for j, (graph, state) in enumerate(zip(graphs, states, strict=True)):
+                x, _, layer_stats = run(nnx.merge(graph, state), plan.layer(0, j), x, None)
+                stats = _add(stats, layer_stats)
+            return x, stats
+
+        x, stats_R = jax.lax.scan(step, x, stacks)
+        return x, (None if stats_R is None else jax.tree.map(lambda a: a.sum(0), stats_R))
+
+    def _stacked_layer(self, i):
+        r, j = scan_plan(self.cfg).position(i)
+        graph, state = nnx.split(self.blocks[j])
+        return nnx.merge(graph, jax.tree.map(lambda a: a[r], state))
+
+
+def _add(total, stats):
+    if stats is None:
+        return total
+    return stats if total is None else jax.tree.map(jnp.add, total, stats)
+
+
+def _stacked_block(cfg: ModelConfig, layer: int, repeats: int, rngs: nnx.Rngs) -> Block:
+    """``Block(cfg, layer)`` whose parameters hold ``repeats`` independent draws, stacked [R, ...]."""
+    keys = jax.random.split(rngs.params(), repeats)
+
+    def draw(key):
+        return nnx.to_pure_dict(nnx.state(Block(cfg, layer, rngs=nnx.Rngs(params=key)), nnx.Param))
+
+    block = nnx.eval_shape(lambda: Block(cfg, layer, rngs=nnx.Rngs(0)))
+    state = nnx.state(block, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.vmap(draw)(keys))
+    for _, var in nnx.to_flat_state(state):
+        var.set_metadata("axes", (axes.LAYERS, *var.get_metadata("axes")))
+    nnx.update(block, state)
+    return block

@@ -38,8 +38,17 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Decay weight matrices and embeddings; leave norms' scales and biases alone."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay weight matrices and embeddings; leave norms' scales and biases alone.
+
+    A scanned model's ``blocks`` stack each layer's parameter along a leading axis, which does not
+    count (``llmjax.models.scan``).
+    """
+
+    def matrix(path, p):
+        stacked = any(getattr(k, "key", None) == "blocks" for k in path)
+        return p.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(matrix, params)
 
 
 def is_selection_bias(path) -> bool:

@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--preset", default="llama3-tiny")
     ap.add_argument("--experts", type=int, default=0, help="n_experts of a MoE preset")
+    ap.add_argument("--scan", action="store_true", help="scan_layers=True (stacked blocks)")
     args = ap.parse_args()
 
     import jax
@@ -41,7 +42,9 @@ def main():
     from llmjax.train.step import init_state, make_train_step
 
     moe = {"n_experts": args.experts} if args.experts else {}
-    model = llmjax.build(args.preset, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, **moe)
+    model = llmjax.build(
+        args.preset, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, scan_layers=args.scan, **moe
+    )
     tx = optax.adamw(3e-3, weight_decay=0.1)
     B, T = 8, 32
     rng = np.random.default_rng(0)
@@ -81,7 +84,7 @@ def main():
                 state, metrics = step(state, {}, sharding.shard_batch(local, mesh))
                 losses.append(float(metrics["loss"]))
         spec_of = lambda x: str(tuple(x.sharding.spec))
-        layer = state["params"]["layers"][0]
+        layer = state["params"]["blocks" if args.scan else "layers"][0]
         results[item] = {
             "losses": losses,
             "wq_spec": spec_of(layer["attn"]["wq"]),

@@ -1,0 +1,160 @@
+"""Scanned layers: which layers repeat, and the stacked parameter layout that runs them as a scan.
+
+With ``ModelConfig.scan_layers`` the decoder finds the longest run of layers that repeats with
+some period P (Llama: every layer, P = 1; Gemma 2: local/global, P = 2; Gemma 3: five local and
+one global, P = 6; a MoE model whose first layers are dense: the MoE layers after them) and runs
+it as one ``jax.lax.scan`` whose step is P blocks. Each of those P blocks stores its parameters
+once, stacked over the repeats along a leading ``layers`` axis:
+
+    params["blocks"][j]   layer head + r * P + j of repeat r lives at index r     [R, ...]
+    params["layers"][i]   every other layer, unrolled, under its own index i
+
+A traced program then holds P blocks instead of n_layers, so compilation time and program size
+do not grow with depth. Hugging Face checkpoints, PEFT adapters and quantization keep one tensor
+per layer; ``stack_layers`` and ``unstack_layers`` convert whole trees (params, gradients) at that
+boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.config import ModelConfig
+from llmjax.errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """Layers [head, head + period * repeats) are scanned; the rest run unrolled."""
+
+    n_layers: int
+    head: int = 0
+    period: int = 1
+    repeats: int = 0  # 0: nothing is scanned
+
+    @property
+    def stop(self) -> int:
+        return self.head + self.period * self.repeats
+
+    def scanned(self, i: int) -> bool:
+        return self.head <= i < self.stop
+
+    def layer(self, r: int, j: int) -> int:
+        """The layer that repeat ``r`` runs as its ``j``-th block."""
+        return self.head + r * self.period + j
+
+    def position(self, i: int) -> tuple[int, int]:
+        """``(r, j)`` of a scanned layer ``i``."""
+        return divmod(i - self.head, self.period)
+
+    @property
+    def unrolled(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if not self.scanned(i))
+
+
+@functools.lru_cache(maxsize=256)
+def scan_plan(cfg: ModelConfig) -> ScanPlan:
+    """The layers ``cfg`` scans: fewest unrolled layers, then the shortest period, then head.
+
+    Layers repeat when their blocks are built alike: the same attention kind (global or local,
+    which sets the window and RoPE) and the same feed-forward (dense or MoE).
+    """
+    L = cfg.n_layers
+    if not cfg.scan_layers:
+        return ScanPlan(L)
+    sig = [(cfg.layer_kinds[i], cfg.is_moe_layer(i)) for i in range(L)]
+    best, plan = None, ScanPlan(L)
+    for head in range(L):
+        for period in range(1, (L - head) // 2 + 1):
+            unit = sig[head : head + period]
+            repeats = 1
+            while (
+                head + (repeats + 1) * period <= L
+                and sig[head + repeats * period : head + (repeats + 1) * period] == unit
+            ):
+                repeats += 1
+            if repeats < 2:
+                continue
+            key = (L - repeats * period, period, head)
+            if best is None or key < best:
+                best, plan = key, ScanPlan(L, head, period, repeats)
+    return plan
+
+
+def _stack(*xs):
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.stack(xs)
+    return jnp.stack(xs)
+
+
+def _layout(tree) -> str:
+    return "scanned" if isinstance(tree, dict) and "blocks" in tree else "unrolled"
+
+
+def stack_layers(cfg: ModelConfig, tree: dict) -> dict:
+    """A tree with one entry per layer (``layers.i``, as ``from_hf`` and an unrolled model give
+    it) in the layout of ``cfg`` with ``scan_layers=True``: repeating layers stacked into
+    ``blocks.j``. Works on any tree shaped like the params (gradients, optimizer moments)."""
+    plan = scan_plan(cfg)
+    if not plan.repeats:
+        return tree
+    layers = tree.get("layers") if isinstance(tree, dict) else None
+    if _layout(tree) != "unrolled" or not isinstance(layers, dict):
+        raise InputError(
+            f"stack_layers takes params with one entry per layer (params['layers'][i]); got a "
+            f"{_layout(tree)} tree; pass the params of the unrolled model"
+        )
+    missing = [i for i in range(cfg.n_layers) if i not in layers]
+    if missing:
+        raise InputError(
+            f"params['layers'] lacks layers {missing[:8]} of {cfg.name!r} (n_layers="
+            f"{cfg.n_layers}); pass the params of a model with this config"
+        )
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    if plan.unrolled:
+        out["layers"] = {i: layers[i] for i in plan.unrolled}
+    out["blocks"] = {
+        j: jax.tree.map(_stack, *[layers[plan.layer(r, j)] for r in range(plan.repeats)])
+        for j in range(plan.period)
+    }
+    return out
+
+
+def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
+    """The inverse of ``stack_layers``: one entry per layer again, ``layers.0 ... layers.L-1``."""
+    plan = scan_plan(cfg)
+    if not plan.repeats:
+        return tree
+    if _layout(tree) != "scanned":
+        raise InputError(
+            "unstack_layers takes params with stacked blocks (params['blocks'][j]); got an "
+            f"unrolled tree; its layers are already one entry each for {cfg.name!r}"
+        )
+    blocks = tree["blocks"]
+    if sorted(blocks) != list(range(plan.period)):
+        raise InputError(
+            f"params['blocks'] has entries {sorted(blocks)}, but {cfg.name!r} scans a period of "
+            f"{plan.period} blocks; pass the params of a model with this config"
+        )
+    layers = dict(tree.get("layers", {}))
+    for j, block in blocks.items():
+        for r in range(plan.repeats):
+            layers[plan.layer(r, j)] = jax.tree.map(lambda x, r=r: x[r], block)
+    out = {k: v for k, v in tree.items() if k != "blocks"}
+    out["layers"] = {i: layers[i] for i in sorted(layers)}
+    return out
+
+
+def require_unrolled(cfg: ModelConfig, what: str) -> None:
+    """Refuse a scanned model where ``what`` addresses parameters one layer at a time."""
+    if scan_plan(cfg).repeats:
+        raise ConfigError(
+            f"{what} addresses each layer's weights (layers.i.*), and {cfg.name!r} has "
+            "scan_layers=True (stacked blocks); use Model(config.replace(scan_layers=False)) "
+            "with unstack_layers(config, params), from llmjax.models.scan"
+        )

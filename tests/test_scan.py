@@ -1,0 +1,298 @@
+"""Scanned layers: the plan of what repeats, and scanned == unrolled in every use of the params."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import llmjax
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.errors import InputError
+from llmjax.inference.quantize import quantize
+from llmjax.lora import LoraConfig, init_lora
+from llmjax.models.scan import ScanPlan, scan_plan, stack_layers, unstack_layers
+from llmjax.train.optim import decay_mask
+
+SMALL = dict(vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, mlp_dim=48, tie_embeddings=False)
+CONFIGS = {
+    # Every layer alike: one block per scan step.
+    "llama": ModelConfig(n_layers=4, **SMALL),
+    # Two local, one global: a period of 3 repeated twice and two unrolled layers after it.
+    "local-global": ModelConfig(
+        n_layers=8,
+        layer_pattern=("local", "local", "global"),
+        sliding_window=4,
+        post_norms=True,
+        qk_norm=True,
+        local_rope=llmjax.config.RopeConfig(theta=100.0),
+        **SMALL,
+    ),
+    # A dense layer among MoE layers: layers 0-1 unrolled, 2-5 scanned.
+    "moe": ModelConfig(
+        n_layers=6,
+        n_experts=4,
+        experts_per_token=2,
+        dense_layers=(1,),
+        router_aux_coef=0.01,
+        router_z_coef=0.001,
+        **SMALL,
+    ),
+}
+
+
+def _pair(name, **overrides):
+    cfg = CONFIGS[name].replace(**overrides)
+    plain, scanned = llmjax.build(cfg), llmjax.build(cfg, scan_layers=True)
+    params = plain.init(jax.random.key(0))
+    return plain, scanned, params, stack_layers(scanned.config, params)
+
+
+def _tokens(B=2, T=11, V=61, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a, b)))
+
+
+@pytest.mark.parametrize(
+    "name,n_layers,pattern,dense,plan",
+    [
+        ("uniform", 32, ("global",), (), ScanPlan(32, 0, 1, 32)),
+        ("gemma3-1b", 26, ("local",) * 5 + ("global",), (), ScanPlan(26, 0, 6, 4)),
+        ("gemma2", 26, ("local", "global"), (), ScanPlan(26, 0, 2, 13)),
+        ("dense-first", 8, ("global",), (0, 1), ScanPlan(8, 2, 1, 6)),
+        ("dense-inside", 6, ("global",), (1,), ScanPlan(6, 2, 1, 4)),
+        ("one-layer", 1, ("global",), (), ScanPlan(1)),
+    ],
+)
+def test_scan_plan(name, n_layers, pattern, dense, plan):
+    moe = dict(n_experts=4) if dense else {}
+    cfg = ModelConfig(
+        n_layers=n_layers,
+        layer_pattern=pattern,
+        sliding_window=8,
+        dense_layers=dense,
+        scan_layers=True,
+        **moe,
+        **SMALL,
+    )
+    assert scan_plan(cfg) == plan
+    assert scan_plan(cfg.replace(scan_layers=False)).repeats == 0
+
+
+def test_stacked_layout_and_axes():
+    _, scanned, params, stacked = _pair("local-global")
+    abstract = scanned.abstract_params()
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(lambda x: x.shape, abstract)
+    assert sorted(abstract["layers"]) == [6, 7] and sorted(abstract["blocks"]) == [0, 1, 2]
+    assert abstract["blocks"][2]["attn"]["wq"].shape == (2, 32, 4, 8)
+    assert scanned.param_axes()["blocks"][0]["attn"]["wq"] == (
+        "layers",
+        "embed",
+        "heads",
+        "head_dim",
+    )
+    assert scanned.param_axes()["layers"][6]["attn"]["wq"] == ("embed", "heads", "head_dim")
+    np.testing.assert_array_equal(
+        stacked["blocks"][1]["mlp"]["up"][1], params["layers"][4]["mlp"]["up"]
+    )
+    back = unstack_layers(scanned.config, stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert _max_diff(back, params) == 0.0
+    assert scanned.num_params() == llmjax.build(CONFIGS["local-global"]).num_params()
+
+
+@pytest.mark.parametrize(
+    "name,remat",
+    [("llama", "none"), ("local-global", "full"), ("local-global", "dots"), ("moe", "none")],
+)
+def test_scanned_equals_unrolled(name, remat):
+    """Logits, auxiliary losses and gradients of every parameter, under jit."""
+    plain, scanned, params, stacked = _pair(name, remat=remat)
+    tokens = _tokens()
+
+    def loss(model):
+        def f(p):
+            logits, aux = model.apply(p, tokens, return_aux=True)
+            extra = sum(aux.values()) if aux else 0.0
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * logits[..., 1]) + extra, (
+                logits,
+                aux,
+            )
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    (la, (logits_a, aux_a)), ga = loss(plain)(params)
+    (lb, (logits_b, aux_b)), gb = loss(scanned)(stacked)
+    assert float(jnp.abs(logits_a - logits_b).max()) <= 1e-5
+    assert abs(float(la - lb)) <= 1e-5
+    assert set(aux_a) == set(aux_b) and _max_diff(aux_a, aux_b) <= 1e-6 if aux_a else True
+    assert _max_diff(ga, unstack_layers(scanned.config, gb)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,ring", [("local-global", True), ("moe", False)])
+def test_cache_decode_with_scanned_params(name, ring):
+    """Prefill then one token at a time on a scanned model equals its full forward."""
+    _, scanned, _, stacked = _pair(name)
+    tokens = _tokens(T=10)
+    full = scanned.apply(stacked, tokens)
+    cache = scanned.init_cache(2, 16, ring=ring)
+    out, cache = scanned.apply(stacked, tokens[:, :6], cache=cache)
+    outs = [out]
+    for t in range(6, 10):
+        out, cache = jax.jit(scanned.apply)(stacked, tokens[:, t : t + 1], cache=cache)
+        outs.append(out)
+    assert float(jnp.abs(jnp.concatenate(outs, axis=1) - full).max()) <= 1e-5
+
+
+def test_training_step_equals_unrolled():
+    """One SGD step with masked weight decay: stacked norms are not decayed, as unrolled ones are
+    not. (SGD: Adam's first step is about lr * sign(g), which turns summation-order noise in
+    near-zero gradients into differences of order lr.)"""
+    plain, scanned, params, stacked = _pair("local-global")
+    mask = decay_mask(stacked)
+    assert mask["blocks"][0]["attn_norm"]["scale"] is False
+    assert mask["blocks"][0]["attn"]["wq"] is True
+    plain_mask = decay_mask(params)
+    for j, block in mask["blocks"].items():
+        assert block == plain_mask["layers"][scan_plan(scanned.config).layer(0, j)]
+    tokens = _tokens()
+    tx = optax.chain(optax.add_decayed_weights(0.1, mask=decay_mask), optax.sgd(1e-1))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(model, p):
+        g = jax.grad(lambda p: -jnp.mean(jax.nn.log_softmax(model.apply(p, tokens))[..., 3]))(p)
+        updates, _ = tx.update(g, tx.init(p), p)
+        return optax.apply_updates(p, updates)
+
+    a = step(plain, params)
+    b = unstack_layers(scanned.config, step(scanned, stacked))
+    assert _max_diff(a, b) <= 1e-6
+
+
+def test_hlo_size_flat_in_depth():
+    """The traced train step holds one block whatever the depth; unrolled it holds every layer."""
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+    def hlo_chars(n_layers, scan):
+        model = llmjax.build(CONFIGS["llama"], n_layers=n_layers, scan_layers=scan)
+        grad = jax.grad(lambda p, t: model.apply(p, t).mean())
+        return len(jax.jit(grad).lower(model.abstract_params(), tokens).as_text())
+
+    scanned = [hlo_chars(n, True) for n in (2, 8)]
+    unrolled = [hlo_chars(n, False) for n in (2, 8)]
+    assert scanned[1] < 1.05 * scanned[0], scanned
+    assert unrolled[1] > 2 * unrolled[0], unrolled
+
+
+def test_conversions_refuse_the_wrong_layout():
+    _, scanned, params, stacked = _pair("llama")
+    with pytest.raises(InputError, match="unrolled"):
+        unstack_layers(scanned.config, params)
+    with pytest.raises(InputError, match="scanned"):
+        stack_layers(scanned.config, stacked)
+    with pytest.raises(InputError, match=r"lacks layers \[3\]"):
+        stack_layers(
+            scanned.config, {**params, "layers": {i: params["layers"][i] for i in range(3)}}
+        )
+
+
+@pytest.mark.parametrize(
+    "args,meshes,spec",
+    [
+        (["--preset", "llama3-tiny"], ["data=1:dp", "fsdp=4,tensor=2:fsdp_tp"], "wq_spec"),
+        (
+            ["--preset", "mixtral-tiny", "--experts", "8"],
+            ["data=1:dp", "fsdp=2,expert=4:ep"],
+            "gate_spec",
+        ),
+    ],
+    ids=["fsdp_tp", "ep"],
+)
+def test_sharded_scanned_training_matches_one_device(args, meshes, spec):
+    """8 simulated devices: the stack axis stays whole, the others shard as unrolled, and the
+    expert-parallel dispatch runs inside the scan."""
+    from tests.sharding.util import run_module
+
+    meshes_args = sum((["--mesh", m] for m in meshes), [])
+    results = run_module(
+        "tests.sharding.run_meshes", ["--devices", "8", "--scan", *args, *meshes_args]
+    )
+    ref, sharded = results[meshes[0]], results[meshes[1]]
+    assert ref["losses"][-1] < ref["losses"][0]
+    np.testing.assert_allclose(sharded["losses"], ref["losses"], rtol=2e-6)
+    expected = {
+        "wq_spec": "(None, 'fsdp', 'tensor', None)",
+        "gate_spec": "(None, 'expert', 'fsdp', None)",
+    }
+    assert sharded[spec] == expected[spec]
+    assert sharded.get("expert_parallel", True)
+
+
+def test_per_layer_tools_refuse_a_scanned_model():
+    _, scanned, _, stacked = _pair("llama")
+    with pytest.raises(ConfigError, match="scan_layers=True.*unstack_layers"):
+        init_lora(scanned, LoraConfig(), jax.random.key(0))
+    with pytest.raises(ConfigError, match="scan_layers=True"):
+        quantize(scanned, stacked, "int8")
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "gemma3-1b", "gemma2-9b", "qwen3-30b-a3b"])
+def test_full_size_presets_scan(preset):
+    """Abstract shapes only: the same parameter count, and most layers in the scan."""
+    unrolled = llmjax.build(preset)
+    scanned = llmjax.build(preset, scan_layers=True)
+    plan = scan_plan(scanned.config)
+    assert scanned.num_params() == unrolled.num_params()
+    assert scanned.num_active_params() == unrolled.num_active_params()
+    assert plan.repeats >= 2 and len(plan.unrolled) < plan.period + 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mixtral"])
+def test_hf_checkpoints_load_and_save_scanned(tmp_path, family):
+    """from_hf stacks at load, to_hf unstacks at save: logits match transformers (<= 1e-4) and
+    the written checkpoint is the unrolled model's, tensor for tensor."""
+    from tests.hf_util import build_hf, hf_logits, random_tokens
+
+    hf = build_hf(family, num_hidden_layers=4)
+    hf.save_pretrained(tmp_path / "hf")
+    model, params = llmjax.from_hf(tmp_path / "hf", scan_layers=True)
+    assert scan_plan(model.config).repeats >= 2 and "blocks" in params
+    tokens = random_tokens(2, 13)
+    diff = np.abs(np.asarray(model.apply(params, tokens)) - hf_logits(hf, tokens)).max()
+    assert diff <= 1e-4, f"max abs logit diff {diff}"
+    llmjax.to_hf(model, params, tmp_path / "out")
+    _, plain = llmjax.from_hf(tmp_path / "out")
+    _, reference = llmjax.from_hf(tmp_path / "hf")
+    assert _max_diff(plain, reference) == 0.0
+
+
+def test_cli_pretrain_scanned_resumes_generates_and_exports(tmp_path):
+    """``llmjax pretrain --set model.scan_layers=true`` as a user types it (relative paths, from
+    the run's parent): it trains, resumes to more steps, samples through the per-layer cache and
+    exports a checkpoint that loads unrolled with the same logits."""
+    from llmjax.cli import main
+    from llmjax.runs import load_run
+    from tests.train.test_resume import finish, launch, losses
+
+    out = tmp_path / "run"
+    scan = ("--set", "model.scan_layers=true")
+    code, log = finish(launch(out, steps=5, extra=scan))
+    assert code == 0, log[-2000:]
+    code, log = finish(launch(out, steps=8, extra=scan))
+    assert code == 0 and "resumed from run/checkpoints/5 (step 5)" in log, log[-2000:]
+    assert sorted(losses(out)) == list(range(1, 9))
+    run = load_run(str(out))
+    assert run.model.config.scan_layers and "blocks" in run.params
+    assert main(["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
+    model, params = llmjax.from_hf(tmp_path / "hf")
+    tokens = _tokens(V=model.config.vocab_size)
+    expected = run.model.apply(run.params, tokens)
+    assert float(jnp.abs(model.apply(params, tokens) - expected).max()) <= 1e-5
