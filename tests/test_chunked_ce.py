@@ -341,6 +341,39 @@ def test_target_logprobs_equal_sequence_and_token_logprobs():
     _close(hot, ref_hot)
 
 
+def test_preference_pairs_and_rollouts_match_full_logits():
+    """The recipes' own calls: a preference pair's summed log-probs and their gradient
+    (``pair_logps``), and RL's per-token log-probs at the sampling temperature
+    (``rollout_logprobs``), chunked against ``loop.ce_chunk=0``."""
+    from types import SimpleNamespace
+
+    from llmjax.recipes.pairs import pair_logps
+    from llmjax.recipes.rl import rollout_logprobs
+
+    model = llmjax.build("llama3-tiny", n_layers=1)
+    params = model.init(jax.random.key(0))
+    b = _batch(model)
+    pairs = {k: jnp.stack([b[k], b[k][::-1]], axis=1) for k in b}  # [B, 2, T]
+
+    def summed(chunk):
+        return jax.value_and_grad(
+            lambda p: pair_logps(model, p, pairs, chunk=chunk)[0].sum(), allow_int=True
+        )
+
+    def rollout(chunk):
+        cfg = SimpleNamespace(temperature=0.7, loop=SimpleNamespace(ce_chunk=chunk))
+        return rollout_logprobs(cfg, model, params, {**b, "targets": jnp.maximum(b["targets"], 0)})
+
+    (value, grads), (ref, ref_grads) = jax.jit(lambda p: (summed(8)(p), summed(0)(p)))(params)
+    _close(value, ref)
+    _trees_close(grads, ref_grads)
+    _close(
+        pair_logps(model, params, pairs, chunk=8)[1], pair_logps(model, params, pairs, chunk=0)[1]
+    )
+    hot, ref_hot = jax.jit(lambda: (rollout(8), rollout(0)))()
+    _close(hot, ref_hot)
+
+
 def test_compiled_memory_stays_below_one_logits_array():
     """V = 32768, D = 32, 1024 tokens: one float32 [B, T, V] array is 128 MiB. XLA's temporary
     buffers for the gradient of the full loss hold at least two of them; the chunked loss (chunks

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax import distributed, sharding
-from llmjax.losses import sequence_logprobs
-from llmjax.losses.core import apply_routed
+from llmjax.losses.chunked import DEFAULT_CHUNK
+from llmjax.losses.core import target_logprobs
 from llmjax.train import mesh as mesh_lib
 from llmjax.train.task import place, tree_shardings
 
@@ -34,21 +34,23 @@ def as_pairs(x_R):
     return x_R.reshape(2, -1).T
 
 
-def pair_logps(model, params, batch, return_aux: bool = False):
+def pair_logps(model, params, batch, return_aux: bool = False, chunk: int | None = DEFAULT_CHUNK):
     """``(sums [B, 2], counts [B, 2])``: each side's completion log-prob and token count.
 
-    ``return_aux=True`` appends a mixture-of-experts model's router losses over both sides' rows
+    ``chunk`` tokens per device are projected to the vocabulary at a time (``loop.ce_chunk``; 0
+    forms the full logits), as in ``next_token_loss``. ``return_aux=True`` appends a
+    mixture-of-experts model's router losses over both sides' rows
     (``llmjax.losses.core.apply_routed``; None for a dense model), which a trained policy's loss
     adds and a frozen reference has no use for.
     """
     rows = flat(batch)
     inputs = {"positions": rows["positions"], "segment_ids": rows["segment_ids"]}
-    if return_aux:
-        logits, moe_aux = apply_routed(model, params, rows["tokens"], **inputs)
-    else:
-        logits = model.apply(params, rows["tokens"], **inputs)
-    sums = sequence_logprobs(logits, rows["targets"], rows["loss_mask"])
-    out = as_pairs(sums), as_pairs(rows["loss_mask"].sum(-1))
+    mask = rows["loss_mask"]
+    logp, moe_aux = target_logprobs(
+        model, params, rows["tokens"], rows["targets"], mask, chunk=chunk, return_aux=True, **inputs
+    )
+    sums = (logp * mask.astype(jnp.float32)).sum(-1)
+    out = as_pairs(sums), as_pairs(mask.sum(-1))
     return (*out, moe_aux) if return_aux else out
 
 
@@ -59,7 +61,7 @@ def compute_reference(model, params, axes, batches, cfg) -> np.ndarray:
     rules = mesh_lib.rules_for(mesh, cfg.loop.rules)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
     placed = place(params, tree_shardings(axes, abstract, mesh, rules))
-    forward = jax.jit(lambda p, b: pair_logps(model, p, b)[0])
+    forward = jax.jit(lambda p, b: pair_logps(model, p, b, chunk=cfg.loop.ce_chunk)[0])
     B, rows = cfg.data.batch_size, distributed.process_rows(cfg.data.batch_size)
     out = []
     with sharding.activation_rules(mesh, rules):

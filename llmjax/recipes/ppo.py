@@ -144,10 +144,7 @@ def make_rollout(cfg: PPOConfig, model, policy_of, critic, reference, data, rewa
             model, policy, tokens, lengths, key, max_new=N, sampling=sampling, stop_ids=stops
         )
         batch = continuation_batch(tokens, lengths, r, L + N - 1)
-        logits = model.apply(
-            policy, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-        )
-        batch["old_logps"] = rl.token_logprobs(logits / cfg.temperature, batch["targets"])
+        batch["old_logps"] = rl.rollout_logprobs(cfg, model, policy, batch)
         batch["old_values"] = critic(params, frozen, batch)
         ref = reference(frozen, batch) if reference is not None else batch["old_logps"]
         return batch, ref, r.tokens_BN, r.lengths_B, r.stopped_B

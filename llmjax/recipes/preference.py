@@ -152,7 +152,7 @@ def _dpo_loss(cfg: DPOConfig, model, params_of, reference):
 
     def loss(params, frozen, batch, rng):
         policy = params_of(params, frozen, rng)
-        sums, counts, moe_aux = pair_logps(model, policy, batch, return_aux=True)
+        sums, counts, moe_aux = pair_logps(model, policy, batch, True, cfg.loop.ce_chunk)
         means = sums / jnp.maximum(counts, 1.0)
         scored = means if cfg.loss in AVERAGED else sums
         c, r = scored[:, 0], scored[:, 1]
@@ -259,7 +259,7 @@ def dpo_task(cfg: DPOConfig, base, data, out_dir, log=print) -> Task:
 
             def reference(frozen, batch):
                 base_params = jax.lax.stop_gradient(frozen["base"])
-                return pair_logps(ref_model, base_params, batch)[0]
+                return pair_logps(ref_model, base_params, batch, chunk=cfg.loop.ce_chunk)[0]
 
         else:
             # A copy: the policy's own arrays are donated to each step's update.
@@ -268,7 +268,7 @@ def dpo_task(cfg: DPOConfig, base, data, out_dir, log=print) -> Task:
 
             def reference(frozen, batch):
                 ref_params = jax.lax.stop_gradient(frozen["reference"])
-                return pair_logps(model, ref_params, batch)[0]
+                return pair_logps(model, ref_params, batch, chunk=cfg.loop.ce_chunk)[0]
 
     settings = _settings(cfg, ("loss", "beta", "label_smoothing", "gamma", "lam", "reference"))
     t.log_count(log)

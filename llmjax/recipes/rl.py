@@ -48,7 +48,7 @@ from llmjax.losses import (
     token_entropy,
     varied_groups,
 )
-from llmjax.losses.core import add_router_loss, apply_routed
+from llmjax.losses.core import add_router_loss, apply_routed, target_logprobs
 from llmjax.recipes.sft import check_tuning, load_base, trainable
 from llmjax.rewards import load_reward, model_reward, reward_metrics, reward_name, score
 from llmjax.train import LoopConfig, OptimizerConfig, Task, TrainResult, rundir, train
@@ -131,6 +131,22 @@ class GRPOConfig:
         return len(self.rewards) + bool(self.reward_model)
 
 
+def rollout_logprobs(cfg, model, params, batch):
+    """float32 ``[B, T]``: each target's log-prob under ``params`` at the sampling temperature,
+    ``loop.ce_chunk`` tokens per device projected to the vocabulary at a time (no ``[B, T, V]``
+    logits; 0: from the full logits)."""
+    return target_logprobs(
+        model,
+        params,
+        batch["tokens"],
+        batch["targets"],
+        temperature=cfg.temperature,
+        chunk=cfg.loop.ce_chunk,
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )
+
+
 def token_logprobs(logits_BTV, targets_BT):
     """float32 ``[B, T]``: the log-probability of each target under its logits."""
     logits = logits_BTV.astype(jnp.float32)
@@ -165,13 +181,7 @@ def _sampler(cfg: GRPOConfig, model, params_of, stops, width: int):
         )
         batch = continuation_batch(tokens, lengths, r, width + N - 1)
         if cfg.num_iterations > 1:  # the sampling policy's log-probs, the ratio's denominator
-            logits = model.apply(
-                policy,
-                batch["tokens"],
-                positions=batch["positions"],
-                segment_ids=batch["segment_ids"],
-            )
-            batch["old_logps"] = token_logprobs(logits / cfg.temperature, batch["targets"])
+            batch["old_logps"] = rollout_logprobs(cfg, model, policy, batch)
         return batch, r.tokens_BN, r.lengths_B, r.stopped_B
 
     return sample
@@ -330,13 +340,7 @@ def reference_logps(cfg, model, base_params, frozen, frozen_axes):
         ref_model, name = model, "reference"
 
     def reference(frozen, batch):
-        logits = ref_model.apply(
-            jax.lax.stop_gradient(frozen[name]),
-            batch["tokens"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-        )
-        return token_logprobs(logits.astype(jnp.float32) / cfg.temperature, batch["targets"])
+        return rollout_logprobs(cfg, ref_model, jax.lax.stop_gradient(frozen[name]), batch)
 
     return reference
 

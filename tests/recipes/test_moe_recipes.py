@@ -9,6 +9,8 @@ forwards (a reference, a teacher) add nothing; a dense model's loss has no ``moe
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -93,9 +95,13 @@ def case(recipe: str, model):
         batch = pairs(2)
 
         def reference(frozen, batch):  # online, from a frozen copy: no router losses of its own
-            return pair_logps(model, frozen["reference"], batch)[0]
+            return pair_logps(model, frozen["reference"], batch, chunk=0)[0]
 
-        loss = preference._dpo_loss(preference.DPOConfig(), model, identity, reference)
+        # The test differentiates forward (jvp), which the chunked cross-entropy's custom VJP
+        # does not define: the full-logits path (loop.ce_chunk=0), equal to it (test_chunked_ce).
+        dpo = preference.DPOConfig()
+        dpo = dataclasses.replace(dpo, loop=dataclasses.replace(dpo.loop, ce_chunk=0))
+        loss = preference._dpo_loss(dpo, model, identity, reference)
         frozen = {"reference": init(model, 1)}
         return loss, init(model, 0), frozen, batch, lambda p: [(1.0, p, flat(batch))]
     if recipe == "reward":
