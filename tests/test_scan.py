@@ -296,3 +296,24 @@ def test_cli_pretrain_scanned_resumes_generates_and_exports(tmp_path):
     tokens = _tokens(V=model.config.vocab_size)
     expected = run.model.apply(run.params, tokens)
     assert float(jnp.abs(model.apply(params, tokens) - expected).max()) <= 1e-5
+
+
+def test_hf_scorer_loads_and_saves_scanned(tmp_path):
+    """A reward model's ``...ForSequenceClassification`` directory through the same boundary."""
+    from llmjax.interop.hf_score import from_hf_scorer, to_hf_scorer
+    from llmjax.scalar_head import sequence_scores
+    from tests.hf_util import build_hf, torch
+
+    hf = build_hf("llama", cls="LlamaForSequenceClassification", num_labels=1, pad_token_id=0)
+    hf.save_pretrained(tmp_path / "hf")
+    model, params, head = from_hf_scorer(tmp_path / "hf", scan_layers=True)
+    assert "blocks" in params and "lm_head" not in params
+    tokens = np.asarray(_tokens(V=model.config.vocab_size - 1)) + 1  # no pad id inside
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits[:, 0].numpy()
+    got = np.asarray(sequence_scores(model, params, head, tokens))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    to_hf_scorer(model, params, head, tmp_path / "out", pad_token_id=0)
+    _, plain, plain_head = from_hf_scorer(tmp_path / "out")
+    _, reference, _ = from_hf_scorer(tmp_path / "hf")
+    assert _max_diff(plain, reference) == 0.0 and _max_diff(plain_head, head) == 0.0
