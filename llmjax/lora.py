@@ -35,7 +35,7 @@ from flax import struct
 from llmjax.errors import ConfigError, InputError
 from llmjax.inference.quantize import QuantizedTensor, linear_input_axes
 from llmjax.layers.params import flat_einsum
-from llmjax.models.scan import require_unrolled
+from llmjax.models.scan import selects
 
 # Every attention and MLP projection of every layer; not the output head or the embeddings.
 DEFAULT_TARGETS = r"layers\.\d+\.(attn\.(wq|wk|wv|wo)|mlp\.(gate|up|down))"
@@ -114,15 +114,24 @@ def nest(items) -> dict:
 
 
 def linear_params(model) -> dict[str, tuple[tuple, tuple, int]]:
-    """Every weight LoRA can adapt: dotted path -> (keys, shape, number of leading input dims)."""
-    require_unrolled(model.config, "LoRA")
+    """Every weight LoRA can adapt: dotted path -> (keys, shape, number of leading input dims).
+
+    A scanned model's stacked weight (``blocks.j.*``, shape ``[R, ...]``) counts its input dims
+    after the stack axis, and its adapter is stacked too: ``a [R, I..., r]``, ``b [R, r, O...]``.
+    """
     shapes = dict(_leaves(model.abstract_params()))
     out = {}
     for keys, names in _leaves(model.param_axes()):
-        in_axes = linear_input_axes(tuple(names))
+        in_axes = linear_input_axes(tuple(names)[_lead(keys) :])
         if in_axes is not None:
             out[dotted(keys)] = (keys, tuple(shapes[keys].shape), len(in_axes))
     return out
+
+
+def _lead(keys) -> int:
+    """1 for a scanned model's stacked weight (its leading axis holds the repeats), else 0."""
+    keys = keys.split(".") if isinstance(keys, str) else keys
+    return int(bool(keys) and keys[0] == "blocks")
 
 
 def fold_paths(paths) -> str:
@@ -136,7 +145,7 @@ def lora_targets(model, cfg: LoraConfig) -> tuple[str, ...]:
     pattern = re.compile(cfg.targets)
     linear = linear_params(model)
     chosen = [dotted(k) for k, _ in _leaves(model.abstract_params())]
-    chosen = [p for p in chosen if pattern.fullmatch(p)]
+    chosen = [p for p in chosen if selects(model.config, pattern, p, "lora targets")]
     wrong = [p for p in chosen if p not in linear]
     if wrong:
         raise ConfigError(
@@ -163,11 +172,16 @@ def init_lora(model, cfg: LoraConfig, key) -> dict:
     items = []
     for i, path in enumerate(lora_targets(model, cfg)):
         keys, shape, n_in = linear[path]
+        stack, shape = shape[: _lead(keys)], shape[_lead(keys) :]
         bound = 1.0 / math.sqrt(math.prod(shape[:n_in]))
         a = jax.random.uniform(
-            jax.random.fold_in(key, i), (*shape[:n_in], cfg.rank), jnp.float32, -bound, bound
+            jax.random.fold_in(key, i),
+            (*stack, *shape[:n_in], cfg.rank),
+            jnp.float32,
+            -bound,
+            bound,
         )
-        b = jnp.zeros((cfg.rank, *shape[n_in:]), jnp.float32)
+        b = jnp.zeros((*stack, cfg.rank, *shape[n_in:]), jnp.float32)
         items.append((keys, {"a": a, "b": b}))
     return nest(items)
 
@@ -179,8 +193,9 @@ def lora_axes(model, cfg: LoraConfig) -> dict:
     items = []
     for path in lora_targets(model, cfg):
         keys, _, n_in = linear[path]
-        w = tuple(names[keys])
-        items.append((keys, {"a": (*w[:n_in], None), "b": (None, *w[n_in:])}))
+        w, k = tuple(names[keys]), _lead(keys)
+        a, b = (*w[: k + n_in], None), (*w[:k], None, *w[k + n_in :])
+        items.append((keys, {"a": a, "b": b}))
     return nest(items)
 
 
@@ -220,16 +235,24 @@ def adapter_pairs(adapters) -> dict[str, tuple[tuple, object, object]]:
 
 
 def _check_pair(path: str, a, b, shape: tuple, rank: int) -> None:
-    n_in = a.ndim - 1
-    if a.shape[-1] != rank or b.shape[0] != rank:
+    k = _lead(path)
+    n_in = a.ndim - 1 - k
+    fits = tuple(a.shape[:k]) == tuple(b.shape[:k]) == tuple(shape[:k])
+    if a.shape[-1] != rank or b.ndim <= k or b.shape[k] != rank:
         raise InputError(
             f"adapter {path!r} has rank {a.shape[-1]} (a) / {b.shape[0]} (b) but the LoraConfig "
             f"says rank={rank}; pass the LoraConfig the adapters were built with"
         )
-    if tuple(a.shape[:-1]) + tuple(b.shape[1:]) != tuple(shape) or n_in >= len(shape):
+    layer = tuple(a.shape[k:-1]) + tuple(b.shape[k + 1 :])
+    if not fits or layer != tuple(shape[k:]) or not 0 < n_in < len(shape) - k:
+        form = (
+            "a [repeats, in..., R] and b [repeats, R, out...]"
+            if k
+            else "a [in..., R] and b [R, out...]"
+        )
         raise InputError(
             f"adapter {path!r} (a {list(a.shape)}, b {list(b.shape)}) does not fit its weight of "
-            f"shape {list(shape)}; a must be [in..., R] and b [R, out...] for this model's weight"
+            f"shape {list(shape)}; it must be {form} for this model's weight"
         )
 
 
@@ -249,7 +272,7 @@ def check_adapters(model, adapters, cfg: LoraConfig) -> dict[str, tuple[tuple, o
     for path, (_, a, b) in pairs.items():
         _, shape, n_in = linear[path]
         _check_pair(path, a, b, shape, cfg.rank)
-        if a.ndim - 1 != n_in:
+        if a.ndim - 1 - _lead(path) != n_in:
             raise InputError(
                 f"adapter {path!r}: a has {a.ndim - 1} input dims but the weight has {n_in}; "
                 "a must be [in..., R] with the weight's input dims"
@@ -267,6 +290,20 @@ def delta(a, b, scale: float) -> jax.Array:
         precision=jax.lax.Precision.HIGHEST,  # the update can be far smaller than the weight
     )
     return scale * ab.reshape(*a.shape[:-1], *b.shape[1:])
+
+
+def _delta(path: str, a, b, scale: float) -> jax.Array:
+    """``delta`` of a weight, per repeat for a scanned model's stacked one."""
+    if _lead(path):
+        return jax.vmap(delta, in_axes=(0, 0, None))(a, b, scale)
+    return delta(a, b, scale)
+
+
+def _full_shape(w) -> tuple:
+    """A weight's shape; a stacked ``QuantizedTensor`` keeps one layer's in its static fields."""
+    if isinstance(w, QuantizedTensor) and w.stacked:
+        return (w.q.shape[0], *w.shape)
+    return tuple(w.shape)
 
 
 def _pairs_and_leaves(base, adapters, cfg: LoraConfig):
@@ -301,7 +338,8 @@ def _combine(base, adapters, cfg: LoraConfig, sign: float, freeze: bool) -> dict
         if pair is not None:
             _, a, b = pair
             _check_pair(dotted(keys), a, b, w.shape, cfg.rank)
-            w = (w.astype(jnp.float32) + sign * delta(a, b, cfg.scale)).astype(w.dtype)
+            update = _delta(dotted(keys), a, b, cfg.scale)
+            w = (w.astype(jnp.float32) + sign * update).astype(w.dtype)
         items.append((keys, w))
     return nest(items)
 
@@ -321,7 +359,7 @@ class LoraWeight:
 
     @property
     def shape(self):
-        return tuple(self.base.shape)
+        return _full_shape(self.base)
 
     @property
     def dtype(self):
@@ -329,8 +367,10 @@ class LoraWeight:
 
     def __getitem__(self, idx):
         w = self.base.dequantize() if isinstance(self.base, QuantizedTensor) else self.base
-        merged = w.astype(jnp.float32) + delta(self.a, self.b, self.scale)
-        return merged.astype(w.dtype)[idx]
+        # A scanned model's stacked weight outside its scan (sliced inside it, per layer).
+        stacked = self.a.ndim + self.b.ndim - 2 > w.ndim
+        update = _delta("blocks" if stacked else "", self.a, self.b, self.scale)
+        return (w.astype(jnp.float32) + update).astype(w.dtype)[idx]
 
     def project(self, eq: str, x, dtype):
         """``einsum(eq, x, W) + scale * einsum(dropout(x) . a . b)``, PEFT's LoRA forward."""
@@ -364,8 +404,10 @@ def apply_lora(base, adapters, cfg: LoraConfig, key=None) -> dict:
         pair = pairs.get(dotted(keys))
         if pair is not None:
             _, a, b = pair
-            _check_pair(dotted(keys), a, b, tuple(w.shape), cfg.rank)
+            _check_pair(dotted(keys), a, b, _full_shape(w), cfg.rank)
             k = None if key is None or not cfg.dropout else jax.random.fold_in(key, i)
+            if k is not None and _lead(keys):  # one key per repeat, for the scan to slice
+                k = jax.random.split(k, a.shape[0])
             w = LoraWeight(w, a, b, k, cfg.scale, cfg.dropout)
         items.append((keys, w))
     return nest(items)

@@ -131,7 +131,7 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
         params = jax.jit(merge, static_argnums=2)(frozen, adapters, lora)
         return LoadedRun(model, params, meta, tok, step_dir, adapters, lora, frozen, head)
     trained, rest = (
-        split_trainable(base.params, cfg["trainable"])
+        split_trainable(base.params, cfg["trainable"], model.config)
         if cfg.get("trainable")
         else (base.params, {})
     )

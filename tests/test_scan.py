@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -235,12 +236,107 @@ def test_sharded_scanned_training_matches_one_device(args, meshes, spec):
     assert sharded.get("expert_parallel", True)
 
 
-def test_per_layer_tools_refuse_a_scanned_model():
-    _, scanned, _, stacked = _pair("llama")
-    with pytest.raises(ConfigError, match="scan_layers=True.*unstack_layers"):
-        init_lora(scanned, LoraConfig(), jax.random.key(0))
-    with pytest.raises(ConfigError, match="scan_layers=True"):
-        quantize(scanned, stacked, "int8")
+def _lora_pair(targets=None, name="local-global"):
+    """Adapters with a random ``b`` (so they change the model) for the unrolled and the scanned
+    local-global model, the same numbers in both layouts."""
+    plain, scanned, params, stacked = _pair(name)
+    cfg = LoraConfig(rank=4) if targets is None else LoraConfig(rank=4, targets=targets)
+    adapters = init_lora(plain, cfg, jax.random.key(3))
+    adapters = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), adapters)
+    return (
+        plain,
+        scanned,
+        params,
+        stacked,
+        cfg,
+        adapters,
+        stack_layers(scanned.config, adapters, True),
+    )
+
+
+def test_lora_on_scanned_blocks_equals_unrolled():
+    """Stacked adapters ``a [R, I..., r]``, ``b [R, r, O...]`` ride through the scan: logits and
+    adapter gradients equal the unrolled model's; merge equals too; dropout runs per layer."""
+    from llmjax.lora import apply_lora, lora_axes, merge
+
+    plain, scanned, params, stacked, cfg, ad, ad_s = _lora_pair()
+    fresh = init_lora(scanned, cfg, jax.random.key(3))
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, ad_s)
+    assert fresh["blocks"][0]["attn"]["wq"]["a"].shape == (2, 32, 4)
+    assert lora_axes(scanned, cfg)["blocks"][0]["attn"]["wq"]["b"] == (
+        "layers",
+        None,
+        "heads",
+        "head_dim",
+    )
+    tokens = _tokens()
+
+    def loss(model, base):
+        return lambda a: jnp.mean(model.apply(apply_lora(base, a, cfg), tokens) ** 2)
+
+    la, ga = jax.jit(jax.value_and_grad(loss(plain, params)))(ad)
+    lb, gb = jax.jit(jax.value_and_grad(loss(scanned, stacked)))(ad_s)
+    assert abs(float(la - lb)) <= 1e-6
+    assert _max_diff(ga, unstack_layers(scanned.config, gb)) <= 1e-6
+    merged = unstack_layers(scanned.config, merge(stacked, ad_s, cfg))
+    assert _max_diff(merged, merge(params, ad, cfg)) <= 1e-7
+    drop = dataclasses.replace(cfg, dropout=0.5)
+    noisy = scanned.apply(apply_lora(stacked, ad_s, drop, key=jax.random.key(1)), tokens)
+    clean = scanned.apply(apply_lora(stacked, ad_s, drop), tokens)
+    assert bool(jnp.isfinite(noisy).all()) and float(jnp.abs(noisy - clean).max()) > 1e-4
+
+
+def test_qlora_quantizes_each_repeat_as_unrolled():
+    """``quantize`` vmaps over the stack: the same codes and scales per layer, the same logits
+    through ``QuantizedModel`` and under adapters (QLoRA)."""
+    from llmjax.inference.quantize import QuantizedModel, dequantize
+    from llmjax.lora import apply_lora
+
+    plain, scanned, params, stacked, cfg, ad, ad_s = _lora_pair()
+    for mode in ("int8", "nf4"):
+        q_plain = quantize(plain, params, mode, group_size=16, keep="lm_head")
+        q_scan = quantize(scanned, stacked, mode, group_size=16, keep="lm_head")
+        assert q_scan["blocks"][0]["attn"]["wq"].stacked
+        assert (
+            _max_diff(unstack_layers(scanned.config, dequantize(q_scan)), dequantize(q_plain)) == 0
+        )
+        tokens = _tokens()
+        a = QuantizedModel(plain).apply(q_plain, tokens)
+        b = jax.jit(QuantizedModel(scanned).apply)(q_scan, tokens)
+        assert float(jnp.abs(a - b).max()) <= 1e-5
+        a = plain.apply(apply_lora(q_plain, ad, cfg), tokens)
+        b = jax.jit(scanned.apply)(apply_lora(q_scan, ad_s, cfg), tokens)
+        assert float(jnp.abs(a - b).max()) <= 1e-5
+
+
+def test_peft_round_trip_through_a_scanned_model(tmp_path):
+    from llmjax.interop.peft import from_peft, to_peft
+
+    plain, scanned, _, _, cfg, ad, ad_s = _lora_pair(r"layers\.\d+\.(attn\.wq|mlp\.down)", "llama")
+    to_peft(scanned, ad_s, cfg, tmp_path / "peft")
+    back_plain, cfg_plain = from_peft(tmp_path / "peft", plain)
+    back_scan, cfg_scan = from_peft(tmp_path / "peft", scanned)
+    assert cfg_plain == cfg_scan
+    assert _max_diff(back_plain, ad) == 0.0 and _max_diff(back_scan, ad_s) == 0.0
+
+
+def test_regexes_select_whole_stacks_or_refuse():
+    """LoRA targets, trainable patterns and quantization's keep read per-layer paths; one that
+    splits a stacked block's repeats is refused with the fix."""
+    from llmjax.train.task import split_trainable
+
+    _, scanned, _, stacked = _pair("local-global")
+    trained, rest = split_trainable(stacked, r"layers\.\d+\.mlp\..*", scanned.config)
+    assert set(trained["blocks"][0]) == {"mlp"} and set(trained["layers"][6]) == {"mlp"}
+    assert "mlp" not in rest["blocks"][0]
+    with pytest.raises(
+        ConfigError, match=r"selects layers \['0'\] of blocks.0.attn.wq but not \['3'\]"
+    ):
+        init_lora(scanned, LoraConfig(targets=r"layers\.0\.attn\.wq"), jax.random.key(0))
+    with pytest.raises(ConfigError, match="trainable pattern.*scan_layers=False"):
+        split_trainable(stacked, r"layers\.[0-2]\..*", scanned.config)
+    with pytest.raises(ConfigError, match="quantize keep"):
+        quantize(scanned, stacked, "int8", keep=r"layers\.1\..*")
 
 
 @pytest.mark.parametrize("preset", ["llama3.1-8b", "gemma3-1b", "gemma2-9b", "qwen3-30b-a3b"])

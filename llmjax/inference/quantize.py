@@ -37,7 +37,7 @@ from flax import struct
 
 from llmjax import axes as ax
 from llmjax.errors import InputError
-from llmjax.models.scan import require_unrolled
+from llmjax.models.scan import selects
 
 MODES = ("int8", "int4", "nf4")
 
@@ -81,7 +81,15 @@ class QuantizedTensor:
     dtype: str = struct.field(pytree_node=False)
     mode: str = struct.field(pytree_node=False)  # "int8", "int4" or "nf4"
 
+    @property
+    def stacked(self) -> bool:
+        """Whether this holds a scanned model's repeats ``[R, ...]`` (``quantize`` vmaps over
+        them, so ``shape`` and the other static fields describe one layer)."""
+        return self.q.ndim > (2 if self.bits == 8 else 3)
+
     def dequantize(self) -> jax.Array:
+        if self.stacked:
+            return jax.vmap(type(self).dequantize)(self)
         if self.bits == 8:
             w = self.q.astype(jnp.float32) * self.scale
         else:
@@ -171,7 +179,7 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str 
     """``params`` with every linear weight replaced by a ``QuantizedTensor`` (see module doc),
     except those whose dotted path (``lm_head``, ``layers.0.attn.wq``) matches the regex ``keep``
     whole: they stay as they are."""
-    require_unrolled(model.config, "quantize")
+    cfg = model.config
     names = model.param_axes()
     if mode not in MODES:
         raise InputError(f"quantization mode={mode!r}: give one of {MODES}")
@@ -181,15 +189,16 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str 
         raise InputError(f"keep={keep!r} is not a regular expression: {e}") from None
 
     def selected(path: str, n) -> tuple[int, ...] | None:
-        if kept is not None and kept.fullmatch(path):
+        if kept is not None and selects(cfg, kept, path, "quantize keep"):
             return None
-        return linear_input_axes(tuple(n))
+        return linear_input_axes(_layer_axes(n))
 
     def linear(p, n, path=""):
         if isinstance(p, dict):
             return [w for k in p for w in linear(p[k], n[k], f"{path}.{k}".lstrip("."))]
         in_axes = selected(path, n)
-        return [] if in_axes is None else [(math.prod(p.shape[i] for i in in_axes), p.shape)]
+        shape = p.shape[len(n) - len(_layer_axes(n)) :]
+        return [] if in_axes is None else [(math.prod(shape[i] for i in in_axes), shape)]
 
     if mode != "int8":  # every weight is checked before any is quantized
         for size, shape in linear(params, names):
@@ -199,9 +208,18 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str 
         if isinstance(p, dict):
             return {k: visit(p[k], n[k], f"{path}.{k}".lstrip(".")) for k in p}
         in_axes = selected(path, n)
-        return p if in_axes is None else quantize_tensor(p, in_axes, mode, group_size)
+        if in_axes is None:
+            return p
+        one = lambda w: quantize_tensor(w, in_axes, mode, group_size)  # noqa: E731
+        return jax.vmap(one)(p) if n[0] == ax.LAYERS else one(p)
 
     return visit(params, names)
+
+
+def _layer_axes(names) -> tuple:
+    """One layer's axis names: a scanned model's stacked weights lead with ``layers``."""
+    names = tuple(names)
+    return names[1:] if names and names[0] == ax.LAYERS else names
 
 
 def dequantize(params):

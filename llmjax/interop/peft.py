@@ -23,6 +23,7 @@ from llmjax.interop import safetensors
 from llmjax.interop.hf import Tensor, _read_json, _write_text, tensor_table
 from llmjax.interop.hf_config import config_to_hf
 from llmjax.lora import LoraConfig, check_adapters, fold_paths, linear_params, nest
+from llmjax.models.scan import stack_layers, unstack_layers
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -76,6 +77,13 @@ def to_peft(model, adapters, cfg: LoraConfig, path, *, base_model_name_or_path: 
     """
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"cfg is a {type(cfg).__name__}; pass the LoraConfig of the adapters")
+    if model.config.scan_layers:  # PEFT names one module per layer: unstack at the boundary
+        check_adapters(model, adapters, cfg)
+        unrolled = type(model)(model.config.replace(scan_layers=False))
+        adapters = unstack_layers(model.config, adapters)
+        return to_peft(
+            unrolled, adapters, cfg, path, base_model_name_or_path=base_model_name_or_path
+        )
     pairs = check_adapters(model, adapters, cfg)
     own, fused = _modules(model)
     shared = [p for p in pairs if p in fused]
@@ -186,6 +194,9 @@ def from_peft(path, model) -> tuple[dict, LoraConfig]:
     exactly them. ``lora_dropout`` is kept in the config (it acts in training only).
     """
     path = Path(path)
+    if model.config.scan_layers:  # read per layer, then stack like the model's weights
+        adapters, cfg = from_peft(path, type(model)(model.config.replace(scan_layers=False)))
+        return stack_layers(model.config, adapters, partial=True), cfg
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise HFCheckpointError(

@@ -96,20 +96,27 @@ def _layout(tree) -> str:
     return "scanned" if isinstance(tree, dict) and "blocks" in tree else "unrolled"
 
 
-def stack_layers(cfg: ModelConfig, tree: dict) -> dict:
+def stack_layers(cfg: ModelConfig, tree: dict, partial: bool = False) -> dict:
     """A tree with one entry per layer (``layers.i``, as ``from_hf`` and an unrolled model give
     it) in the layout of ``cfg`` with ``scan_layers=True``: repeating layers stacked into
-    ``blocks.j``. Works on any tree shaped like the params (gradients, optimizer moments)."""
+    ``blocks.j``. Works on any tree shaped like the params (gradients, optimizer moments).
+
+    ``partial=True`` takes a tree that covers some layers (LoRA adapters): a block is stacked
+    from every repeat of its layer or absent from all of them."""
     plan = scan_plan(cfg)
     if not plan.repeats:
         return tree
     layers = tree.get("layers") if isinstance(tree, dict) else None
+    if partial and _layout(tree) == "unrolled" and layers is None:
+        return tree
     if _layout(tree) != "unrolled" or not isinstance(layers, dict):
         raise InputError(
             f"stack_layers takes params with one entry per layer (params['layers'][i]); got a "
             f"{_layout(tree)} tree; pass the params of the unrolled model"
         )
     missing = [i for i in range(cfg.n_layers) if i not in layers]
+    if partial:
+        return _stack_partial(cfg, plan, tree)
     if missing:
         raise InputError(
             f"params['layers'] lacks layers {missing[:8]} of {cfg.name!r} (n_layers="
@@ -125,6 +132,31 @@ def stack_layers(cfg: ModelConfig, tree: dict) -> dict:
     return out
 
 
+def _stack_partial(cfg: ModelConfig, plan: ScanPlan, tree: dict) -> dict:
+    layers = tree["layers"]
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    kept = {i: layers[i] for i in plan.unrolled if i in layers}
+    blocks = {}
+    for j in range(plan.period):
+        parts = [layers.get(plan.layer(r, j)) for r in range(plan.repeats)]
+        if all(p is None for p in parts):
+            continue
+        shapes = {jax.tree.structure(p) for p in parts if p is not None}
+        if any(p is None for p in parts) or len(shapes) > 1:
+            ids = [plan.layer(r, j) for r in range(plan.repeats)]
+            raise InputError(
+                f"layers {ids} of {cfg.name!r} are one stacked block under scan_layers=True, but "
+                "the tree does not hold the same entries for each of them; give all of them the "
+                "same entries, or use scan_layers=False"
+            )
+        blocks[j] = jax.tree.map(_stack, *parts)
+    if kept:
+        out["layers"] = kept
+    if blocks:
+        out["blocks"] = blocks
+    return out
+
+
 def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
     """The inverse of ``stack_layers``: one entry per layer again, ``layers.0 ... layers.L-1``."""
     plan = scan_plan(cfg)
@@ -136,7 +168,7 @@ def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
             f"unrolled tree; its layers are already one entry each for {cfg.name!r}"
         )
     blocks = tree["blocks"]
-    if sorted(blocks) != list(range(plan.period)):
+    if not set(blocks) <= set(range(plan.period)):
         raise InputError(
             f"params['blocks'] has entries {sorted(blocks)}, but {cfg.name!r} scans a period of "
             f"{plan.period} blocks; pass the params of a model with this config"
@@ -146,15 +178,37 @@ def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
         for r in range(plan.repeats):
             layers[plan.layer(r, j)] = jax.tree.map(lambda x, r=r: x[r], block)
     out = {k: v for k, v in tree.items() if k != "blocks"}
-    out["layers"] = {i: layers[i] for i in sorted(layers)}
+    if layers:
+        out["layers"] = {i: layers[i] for i in sorted(layers)}
     return out
 
 
-def require_unrolled(cfg: ModelConfig, what: str) -> None:
-    """Refuse a scanned model where ``what`` addresses parameters one layer at a time."""
-    if scan_plan(cfg).repeats:
+def layer_names(cfg: ModelConfig, path: str) -> tuple[str, ...]:
+    """The per-layer dotted names a parameter path stands for: a stacked ``blocks.j.<rest>`` is
+    ``layers.i.<rest>`` for the layer i of each repeat; any other path is itself."""
+    parts = path.split(".")
+    plan = scan_plan(cfg)
+    if parts[0] != "blocks" or len(parts) < 3 or not plan.repeats:
+        return (path,)
+    j, rest = int(parts[1]), ".".join(parts[2:])
+    return tuple(f"layers.{plan.layer(r, j)}.{rest}" for r in range(plan.repeats))
+
+
+def selects(cfg: ModelConfig, regex, path: str, what: str) -> bool:
+    """Whether ``regex`` (matched whole) selects parameter ``path``, by its per-layer names.
+
+    Regexes that choose weights (LoRA targets, trainable patterns, quantization's keep) are
+    written against per-layer paths (``layers.3.attn.wq``); a stacked block holds every repeat of
+    its layer in one array, so the regex must select all of those layers or none.
+    """
+    names = layer_names(cfg, path)
+    hits = [regex.fullmatch(n) is not None for n in names]
+    if any(hits) and not all(hits):
+        chosen = [n.split(".")[1] for n, h in zip(names, hits, strict=True) if h]
+        left = [n.split(".")[1] for n, h in zip(names, hits, strict=True) if not h]
         raise ConfigError(
-            f"{what} addresses each layer's weights (layers.i.*), and {cfg.name!r} has "
-            "scan_layers=True (stacked blocks); use Model(config.replace(scan_layers=False)) "
-            "with unstack_layers(config, params), from llmjax.models.scan"
+            f"{what} {regex.pattern!r} selects layers {chosen} of {path} but not {left}: "
+            f"{cfg.name!r} has scan_layers=True, which stores these layers as one stacked array; "
+            "select all of them or none, or use scan_layers=False"
         )
+    return hits[0]

@@ -200,7 +200,9 @@ def trainable(cfg, model, params) -> Trainable:
             count.total,
             identity,
         )
-    initial, rest = split_trainable(params, cfg.trainable) if cfg.trainable else (params, {})
+    initial, rest = (
+        split_trainable(params, cfg.trainable, model.config) if cfg.trainable else (params, {})
+    )
 
     def params_of(params, frozen, rng=None):
         return join(params, frozen["rest"])

@@ -101,9 +101,15 @@ def _paths(tree) -> list[str]:
     return [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
 
 
-def split_trainable(params: dict, pattern: str) -> tuple[dict, dict]:
+def split_trainable(params: dict, pattern: str, config=None) -> tuple[dict, dict]:
     """``(trainable, rest)``: the leaves whose dotted path ``re.fullmatch`` es ``pattern``, and the
-    others, as two nested dicts (``join`` puts them back together)."""
+    others, as two nested dicts (``join`` puts them back together).
+
+    With the model's ``config``, a scanned model's stacked block is matched by its per-layer
+    paths (``layers.i.*``, ``llmjax.models.scan.selects``), as the pattern is written.
+    """
+    from llmjax.models.scan import selects
+
     try:
         regex = re.compile(pattern)
     except re.error as e:
@@ -115,7 +121,11 @@ def split_trainable(params: dict, pattern: str) -> tuple[dict, dict]:
             take = {k: t for k, (t, _) in parts.items() if t is not None}
             keep = {k: r for k, (_, r) in parts.items() if r is not None}
             return take or None, keep or None
-        hit = regex.fullmatch(prefix[:-1]) is not None
+        path = prefix[:-1]
+        if config is not None:
+            hit = selects(config, regex, path, "trainable pattern")
+        else:
+            hit = regex.fullmatch(path) is not None
         return (p, None) if hit else (None, p)
 
     trainable, rest = visit(params, "")
