@@ -240,8 +240,8 @@ def _check_pair(path: str, a, b, shape: tuple, rank: int) -> None:
     fits = tuple(a.shape[:k]) == tuple(b.shape[:k]) == tuple(shape[:k])
     if a.shape[-1] != rank or b.ndim <= k or b.shape[k] != rank:
         raise InputError(
-            f"adapter {path!r} has rank {a.shape[-1]} (a) / {b.shape[0]} (b) but the LoraConfig "
-            f"says rank={rank}; pass the LoraConfig the adapters were built with"
+            f"adapter {path!r} has rank {a.shape[-1]} (a) / {b.shape[min(k, b.ndim - 1)]} (b) but "
+            f"the LoraConfig says rank={rank}; pass the LoraConfig the adapters were built with"
         )
     layer = tuple(a.shape[k:-1]) + tuple(b.shape[k + 1 :])
     if not fits or layer != tuple(shape[k:]) or not 0 < n_in < len(shape) - k:
