@@ -137,7 +137,10 @@ def test_scanned_equals_unrolled(name, remat):
     assert _max_diff(ga, unstack_layers(scanned.config, gb)) <= 1e-5
 
 
-@pytest.mark.parametrize("name,ring", [("local-global", True), ("moe", False)])
+@pytest.mark.parametrize(
+    "name,ring",
+    [("local-global", True), pytest.param("moe", False, marks=pytest.mark.slow)],
+)
 def test_cache_decode_with_scanned_params(name, ring):
     """Prefill then one token at a time on a scanned model equals its full forward."""
     _, scanned, _, stacked = _pair(name)
@@ -208,10 +211,11 @@ def test_conversions_refuse_the_wrong_layout():
     "args,meshes,spec",
     [
         (["--preset", "llama3-tiny"], ["data=1:dp", "fsdp=4,tensor=2:fsdp_tp"], "wq_spec"),
-        (
+        pytest.param(
             ["--preset", "mixtral-tiny", "--experts", "8"],
             ["data=1:dp", "fsdp=2,expert=4:ep"],
             "gate_spec",
+            marks=pytest.mark.slow,
         ),
     ],
     ids=["fsdp_tp", "ep"],
@@ -286,27 +290,25 @@ def test_lora_on_scanned_blocks_equals_unrolled():
     assert bool(jnp.isfinite(noisy).all()) and float(jnp.abs(noisy - clean).max()) > 1e-4
 
 
-def test_qlora_quantizes_each_repeat_as_unrolled():
+@pytest.mark.parametrize("mode", ["int8", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_qlora_quantizes_each_repeat_as_unrolled(mode):
     """``quantize`` vmaps over the stack: the same codes and scales per layer, the same logits
     through ``QuantizedModel`` and under adapters (QLoRA)."""
     from llmjax.inference.quantize import QuantizedModel, dequantize
     from llmjax.lora import apply_lora
 
     plain, scanned, params, stacked, cfg, ad, ad_s = _lora_pair()
-    for mode in ("int8", "nf4"):
-        q_plain = quantize(plain, params, mode, group_size=16, keep="lm_head")
-        q_scan = quantize(scanned, stacked, mode, group_size=16, keep="lm_head")
-        assert q_scan["blocks"][0]["attn"]["wq"].stacked
-        assert (
-            _max_diff(unstack_layers(scanned.config, dequantize(q_scan)), dequantize(q_plain)) == 0
-        )
-        tokens = _tokens()
-        a = QuantizedModel(plain).apply(q_plain, tokens)
-        b = jax.jit(QuantizedModel(scanned).apply)(q_scan, tokens)
-        assert float(jnp.abs(a - b).max()) <= 1e-5
-        a = plain.apply(apply_lora(q_plain, ad, cfg), tokens)
-        b = jax.jit(scanned.apply)(apply_lora(q_scan, ad_s, cfg), tokens)
-        assert float(jnp.abs(a - b).max()) <= 1e-5
+    q_plain = quantize(plain, params, mode, group_size=16, keep="lm_head")
+    q_scan = quantize(scanned, stacked, mode, group_size=16, keep="lm_head")
+    assert q_scan["blocks"][0]["attn"]["wq"].stacked
+    assert _max_diff(unstack_layers(scanned.config, dequantize(q_scan)), dequantize(q_plain)) == 0
+    tokens = _tokens()
+    a = QuantizedModel(plain).apply(q_plain, tokens)
+    b = jax.jit(QuantizedModel(scanned).apply)(q_scan, tokens)
+    assert float(jnp.abs(a - b).max()) <= 1e-5
+    a = plain.apply(apply_lora(q_plain, ad, cfg), tokens)
+    b = jax.jit(scanned.apply)(apply_lora(q_scan, ad_s, cfg), tokens)
+    assert float(jnp.abs(a - b).max()) <= 1e-5
 
 
 def test_peft_round_trip_through_a_scanned_model(tmp_path):
@@ -369,6 +371,7 @@ def test_hf_checkpoints_load_and_save_scanned(tmp_path, family):
     assert _max_diff(plain, reference) == 0.0
 
 
+@pytest.mark.slow  # about 30 s: two training runs, generate and export
 def test_cli_pretrain_scanned_resumes_generates_and_exports(tmp_path):
     """``llmjax pretrain --set model.scan_layers=true`` as a user types it (relative paths, from
     the run's parent): it trains, resumes to more steps, samples through the per-layer cache and

@@ -135,6 +135,7 @@ def test_rollback_within_the_slack_equals_the_full_cache_and_beyond_it_is_refuse
     assert np.abs(short[2] - full[2]).max() > 1e-4
 
 
+@pytest.mark.slow  # about 70 s on one CPU core
 def test_speculative_decoding_past_the_window_equals_greedy_decoding():
     """Each verify writes k + 1 = 4 tokens and keeps 1 to 4 of them (the rolled-back caches)."""
     target, tp = build("mistral-tiny", init_std=0.3)
