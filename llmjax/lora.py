@@ -35,7 +35,7 @@ from flax import struct
 from llmjax.errors import ConfigError, InputError
 from llmjax.inference.quantize import QuantizedTensor, linear_input_axes
 from llmjax.layers.params import flat_einsum
-from llmjax.models.scan import selects
+from llmjax.models.scan import is_stacked, selects
 
 # Every attention and MLP projection of every layer; not the output head or the embeddings.
 DEFAULT_TARGETS = r"layers\.\d+\.(attn\.(wq|wk|wv|wo)|mlp\.(gate|up|down))"
@@ -130,8 +130,7 @@ def linear_params(model) -> dict[str, tuple[tuple, tuple, int]]:
 
 def _lead(keys) -> int:
     """1 for a scanned model's stacked weight (its leading axis holds the repeats), else 0."""
-    keys = keys.split(".") if isinstance(keys, str) else keys
-    return int(bool(keys) and keys[0] == "blocks")
+    return int(is_stacked(keys))
 
 
 def fold_paths(paths) -> str:

@@ -37,7 +37,7 @@ from flax import struct
 
 from llmjax import axes as ax
 from llmjax.errors import InputError
-from llmjax.models.scan import selects
+from llmjax.models.scan import layer_axes, selects
 
 MODES = ("int8", "int4", "nf4")
 
@@ -191,13 +191,13 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str 
     def selected(path: str, n) -> tuple[int, ...] | None:
         if kept is not None and selects(cfg, kept, path, "quantize keep"):
             return None
-        return linear_input_axes(_layer_axes(n))
+        return linear_input_axes(layer_axes(n))
 
     def linear(p, n, path=""):
         if isinstance(p, dict):
             return [w for k in p for w in linear(p[k], n[k], f"{path}.{k}".lstrip("."))]
         in_axes = selected(path, n)
-        shape = p.shape[len(n) - len(_layer_axes(n)) :]
+        shape = p.shape[len(n) - len(layer_axes(n)) :]
         return [] if in_axes is None else [(math.prod(shape[i] for i in in_axes), shape)]
 
     if mode != "int8":  # every weight is checked before any is quantized
@@ -214,12 +214,6 @@ def quantize(model, params, mode: str = "int8", group_size: int = 64, keep: str 
         return jax.vmap(one)(p) if n[0] == ax.LAYERS else one(p)
 
     return visit(params, names)
-
-
-def _layer_axes(names) -> tuple:
-    """One layer's axis names: a scanned model's stacked weights lead with ``layers``."""
-    names = tuple(names)
-    return names[1:] if names and names[0] == ax.LAYERS else names
 
 
 def dequantize(params):

@@ -17,6 +17,7 @@ from llmjax.config import ModelConfig, dtype_of
 from llmjax.errors import InputError
 from llmjax.layers import attend
 from llmjax.layers.attention import RingPlan
+from llmjax.models.scan import layer_axes
 from llmjax.models.transformer import MaskContext, Transformer
 
 
@@ -261,8 +262,8 @@ class Model:
         cfg, total = self.config, 0
         for _, var in nnx.to_flat_state(self._abstract_state):
             size = int(np.prod(var.shape))
-            names = var.axes[1:] if var.axes[0] == axes.LAYERS else var.axes  # scanned: [R, ...]
-            if names[0] == axes.EXPERTS:  # [E, ...]: each token runs k of the E experts
+            # [E, ...] (stacked: [R, E, ...]): each token runs k of the E experts
+            if layer_axes(var.axes)[0] == axes.EXPERTS:
                 size = size // cfg.n_experts * cfg.experts_per_token
             total += size
         return total

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.axes import LAYERS
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError, InputError
 
@@ -115,25 +116,11 @@ def stack_layers(cfg: ModelConfig, tree: dict, partial: bool = False) -> dict:
             f"{_layout(tree)} tree; pass the params of the unrolled model"
         )
     missing = [i for i in range(cfg.n_layers) if i not in layers]
-    if partial:
-        return _stack_partial(cfg, plan, tree)
-    if missing:
+    if missing and not partial:
         raise InputError(
             f"params['layers'] lacks layers {missing[:8]} of {cfg.name!r} (n_layers="
             f"{cfg.n_layers}); pass the params of a model with this config"
         )
-    out = {k: v for k, v in tree.items() if k != "layers"}
-    if plan.unrolled:
-        out["layers"] = {i: layers[i] for i in plan.unrolled}
-    out["blocks"] = {
-        j: jax.tree.map(_stack, *[layers[plan.layer(r, j)] for r in range(plan.repeats)])
-        for j in range(plan.period)
-    }
-    return out
-
-
-def _stack_partial(cfg: ModelConfig, plan: ScanPlan, tree: dict) -> dict:
-    layers = tree["layers"]
     out = {k: v for k, v in tree.items() if k != "layers"}
     kept = {i: layers[i] for i in plan.unrolled if i in layers}
     blocks = {}
@@ -181,6 +168,19 @@ def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
     if layers:
         out["layers"] = {i: layers[i] for i in sorted(layers)}
     return out
+
+
+def is_stacked(keys) -> bool:
+    """Whether a parameter's key path (keys, ``jax.tree_util`` path entries or a dotted string)
+    leads into the stacked blocks, whose leading axis holds the repeats."""
+    keys = keys.split(".") if isinstance(keys, str) else keys
+    return bool(keys) and getattr(keys[0], "key", keys[0]) == "blocks"
+
+
+def layer_axes(names) -> tuple:
+    """One layer's logical axis names: a stacked parameter's lead with ``layers``."""
+    names = tuple(names)
+    return names[1:] if names and names[0] == LAYERS else names
 
 
 def layer_names(cfg: ModelConfig, path: str) -> tuple[str, ...]:

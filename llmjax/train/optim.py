@@ -16,6 +16,7 @@ import optax
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
 from llmjax.layers.moe import SELECTION_BIAS
+from llmjax.models.scan import is_stacked
 from llmjax.train.config import OptimizerConfig
 
 
@@ -45,8 +46,7 @@ def decay_mask(params):
     """
 
     def matrix(path, p):
-        stacked = any(getattr(k, "key", None) == "blocks" for k in path)
-        return p.ndim - stacked >= 2
+        return p.ndim - is_stacked(path) >= 2
 
     return jax.tree_util.tree_map_with_path(matrix, params)
 
