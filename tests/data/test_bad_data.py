@@ -152,7 +152,7 @@ def test_too_few_pieces_fail_before_anything_is_kept(tmp_path):
 
 def test_a_given_tokenizer_is_copied_into_the_run(tmp_path):
     text = (Path(corpus_paths()[0]).read_text(encoding="utf-8"))[:200_000]
-    tok = Tokenizer.train(training_lines([text], 20_000), TokenizerConfig(320))
+    tok = Tokenizer.train(training_lines([text], 20_000), TokenizerConfig(512))
     given = tmp_path / "elsewhere" / "mine.model"
     tok.save(given)
     cfg = DataConfig(paths=corpus_paths(), seq_len=32, batch_size=2, tokenizer=str(given))
