@@ -152,25 +152,31 @@ def test_bf16_checkpoint_loads_as_bf16(tmp_path):
     assert np.abs(np.asarray(model32.apply(params32, tokens)) - ref).max() <= 1e-4
 
 
-def test_loading_streams_one_tensor_at_a_time(tmp_path):
-    """Host memory during from_hf stays near one tensor, not the checkpoint's size."""
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_loading_streams_one_tensor_at_a_time(tmp_path, scan):
+    """Host memory during from_hf stays near one parameter (a scanned model's: one stack of all
+    layers' copies of a weight), not the checkpoint's size."""
     import tracemalloc
 
-    model = llmjax.build("llama3-tiny", d_model=256, n_layers=8, mlp_dim=1024, vocab_size=2048)
+    vocab = 8192 if scan else 2048  # a stack is a third of the layers: a larger rest of the model
+    model = llmjax.build(
+        "llama3-tiny", d_model=256, n_layers=8, mlp_dim=1024, vocab_size=vocab, scan_layers=scan
+    )
     llmjax.to_hf(model, model.init(jax.random.key(0)), tmp_path)
     total = (tmp_path / "model.safetensors").stat().st_size
     largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(model.abstract_params()))
-    llmjax.from_hf(tmp_path)  # first call: imports and jax's caches, not the loader's own memory
+    llmjax.from_hf(tmp_path, scan_layers=scan)  # first call: imports and jax's caches
     tracemalloc.start()
-    loaded = llmjax.from_hf(tmp_path)
+    loaded = llmjax.from_hf(tmp_path, scan_layers=scan)
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     del loaded
     # jax on CPU adopts some host copies as the arrays' own buffers (those 64-byte aligned, which
     # depends on the allocator's state): memory of the result, not of the loading. What the
     # loader itself holds at its worst is the peak above what the result keeps.
-    assert total > 10 * largest  # the check below means something
-    assert peak - held < 4 * largest, f"peak {peak} (result holds {held}) for {total} bytes"
+    # A stack's transfer to the device may still read it while the next one fills: two at once.
+    assert total > (5 if scan else 10) * largest  # the check below means something
+    assert peak - held < (3 if scan else 4) * largest, f"peak {peak} (result holds {held})"
 
 
 def test_loaded_params_do_not_alias_the_checkpoint_file(tmp_path):

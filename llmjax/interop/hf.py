@@ -28,7 +28,7 @@ from llmjax.interop.hf_tensors import (  # noqa: F401  (Tensor and the layouts a
     to_llmjax,
 )
 from llmjax.models.model import Model
-from llmjax.models.scan import stack_layers, unstack_layers
+from llmjax.models.scan import scan_plan, unstack_layers
 
 CheckpointError = HFCheckpointError  # the name this module has always raised
 
@@ -151,6 +151,21 @@ def configure(
     return arch, cfg
 
 
+def _placement(cfg: ModelConfig):
+    """Where a per-layer path lands in ``cfg``'s layout: ``(path, repeat)``, repeat None unless
+    the layer is scanned (then its tensor is row ``repeat`` of the block's stack)."""
+    plan = scan_plan(cfg)
+
+    def place(p: str) -> tuple[str, int | None]:
+        parts = p.split(".")
+        if parts[0] == "layers" and plan.repeats and plan.scanned(int(parts[1])):
+            r, j = plan.position(int(parts[1]))
+            return ".".join(["blocks", str(j), *parts[2:]]), r
+        return p, None
+
+    return place
+
+
 def load_tensors(
     path: Path,
     cfg: ModelConfig,
@@ -160,14 +175,12 @@ def load_tensors(
     shardings=None,
     head: list[Tensor] | None = None,
     name: str | None = None,
-    on_host: bool = False,
 ) -> dict[str, object]:
-    """The flat llmjax parameters (``shapes``' paths) held by the checkpoint in ``path``.
+    """The flat llmjax parameters held by the checkpoint in ``path``, in ``cfg``'s layout.
 
-    ``on_host`` keeps them as numpy arrays instead of placing them on devices.
-
-    ``head`` entries replace ``lm_head.weight`` (a classifier's ``score.weight``); ``name`` is the
-    architecture the messages call the checkpoint (default ``arch``).
+    ``shapes`` are the per-layer shapes (``layer_shapes``); with ``cfg.scan_layers`` the layers a
+    scan runs are stacked as they load. ``head`` entries replace ``lm_head.weight`` (a classifier's ``score.weight``);
+    ``name`` is the architecture the messages call the checkpoint (default ``arch``).
     """
     ckpt = _Checkpoint(path)
     flat_shardings = _flatten(shardings) if shardings is not None else {}
@@ -187,8 +200,17 @@ def load_tensors(
             "with these weights"
         )
     pdt = dtype_of(cfg.param_dtype)
-    flat, experts = {}, {}  # experts: [E, ...] parameters filled one expert's tensor at a time
-    for entry in table:
+    where = _placement(cfg)
+    repeats = scan_plan(cfg).repeats
+
+    def order(entry):  # one stack (or expert array) completes before the next starts
+        dest, r = where(entry.paths[0])
+        return dest, -1 if r is None else r, -1 if entry.expert is None else entry.expert
+
+    # A parameter filled piece by piece (a stack's repeats, an [E, ...]'s experts) waits on the
+    # host until its last piece arrives, then goes to its device: host memory holds one of them.
+    flat, filling, left = {}, {}, {}
+    for entry in sorted(table, key=order):
         f = ckpt.where[entry.hf]
         parts = [entry.part_shape(shapes[p]) for p in entry.paths]
         want = hf_shape(entry, parts)
@@ -207,17 +229,26 @@ def load_tensors(
         raw = f.get(entry.hf)
         arrays = to_llmjax(entry, raw, parts)
         for p, a in zip(entry.paths, arrays, strict=True):
-            if entry.expert is not None:
-                experts.setdefault(p, np.empty(shapes[p], pdt))[entry.expert] = a
+            dest, r = where(p)
+            index = tuple(i for i in (r, entry.expert) if i is not None)
+            if not index:
+                a = a.astype(pdt, copy=False)
+                if np.may_share_memory(a, raw):
+                    # jax on CPU adopts an aligned host buffer instead of copying it; a view of
+                    # the file's mapping would tie the params to the file (an in-place rewrite
+                    # changes them).
+                    a = a.copy()
+                flat[dest] = jax.device_put(a, flat_shardings.get(dest))
                 continue
-            a = a.astype(pdt, copy=False)
-            if np.may_share_memory(a, raw):
-                # jax on CPU adopts an aligned host buffer instead of copying it; a view of the
-                # file's mapping would tie the params to the file (an in-place rewrite changes them).
-                a = a.copy()
-            flat[p] = a if on_host else jax.device_put(a, flat_shardings.get(p))
-    for p, a in experts.items():
-        flat[p] = a if on_host else jax.device_put(a, flat_shardings.get(p))
+            if dest not in filling:
+                shape = ((repeats,) if r is not None else ()) + tuple(shapes[p])
+                filling[dest] = np.empty(shape, pdt)
+                left[dest] = int(np.prod(shape[: len(index)]))
+            filling[dest][index] = a  # copies: never a view of the file
+            left[dest] -= 1
+            if not left[dest]:
+                a = filling.pop(dest)
+                flat[dest] = jax.device_put(a, flat_shardings.get(dest))
     return flat
 
 
@@ -238,10 +269,8 @@ def from_hf(
     hf = read_config(path)
     arch, cfg = configure(path, hf, param_dtype=param_dtype, dtype=dtype, **config_overrides)
     model = Model(cfg)
-    shapes = layer_shapes(model)
-    if not cfg.scan_layers:
-        return model, _unflatten(load_tensors(path, cfg, arch, shapes, shardings=shardings))
-    return model, stacked(model, load_tensors(path, cfg, arch, shapes, on_host=True), shardings)
+    flat = load_tensors(path, cfg, arch, layer_shapes(model), shardings=shardings)
+    return model, _unflatten(flat)
 
 
 def layer_shapes(model: Model) -> dict[str, tuple[int, ...]]:
@@ -250,14 +279,6 @@ def layer_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     if model.config.scan_layers:
         model = Model(model.config.replace(scan_layers=False))
     return {k: v.shape for k, v in _flatten(model.abstract_params()).items()}
-
-
-def stacked(model: Model, flat: dict, shardings=None) -> dict:
-    """Per-layer host arrays ``flat`` in ``model``'s scanned layout, placed by ``shardings``.
-
-    The stacks are built on the host, so each tensor reaches a device once, in its stack.
-    """
-    return jax.device_put(stack_layers(model.config, _unflatten(flat)), shardings)
 
 
 def per_layer(model: Model, flat: dict) -> dict:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
-
 from llmjax.errors import HFCheckpointError, InputError
 from llmjax.interop.hf import (
     Tensor,
@@ -26,7 +24,6 @@ from llmjax.interop.hf import (
     load_tensors,
     per_layer,
     read_config,
-    stacked,
     tensor_table,
     write_checkpoint,
 )
@@ -101,12 +98,8 @@ def from_hf_scorer(
     model = Model(cfg)
     shapes = {k: v for k, v in layer_shapes(model).items() if k != "lm_head"}
     shapes["score"] = (cfg.d_model,)
-    flat = load_tensors(
-        path, cfg, lm, shapes, shardings=shardings, head=[SCORE], name=arch, on_host=cfg.scan_layers
-    )
+    flat = load_tensors(path, cfg, lm, shapes, shardings=shardings, head=[SCORE], name=arch)
     head = {"score": flat.pop("score")}
-    if cfg.scan_layers:
-        return model, stacked(model, flat, shardings), jax.device_put(head)
     return model, _unflatten(flat), head
 
 
