@@ -353,6 +353,8 @@ def dtype_of(name: str):
 def model_config_from_dict(d: dict) -> ModelConfig:
     """Rebuild a ``ModelConfig`` saved with ``to_dict`` (nested rope configs, tuple fields)."""
     d = dict(d)
+    # Configs saved before the field existed stored every layer unrolled.
+    d.setdefault("scan_layers", False)
     for k in ("rope", "local_rope"):
         if isinstance(d.get(k), dict):
             d[k] = RopeConfig(**d[k])

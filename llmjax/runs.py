@@ -94,7 +94,7 @@ def _load_finetuned(step_dir: Path, meta: dict, model, tok) -> LoadedRun:
     from llmjax.train.task import join, split_trainable
 
     cfg = meta["config"]
-    base = load_base(cfg["base"])
+    base = load_base(cfg["base"], scan_layers=model.config.scan_layers)
     if base.source["sha256"] != meta["identity"]["base"]:
         raise DataError(
             f"the base model at {cfg['base']} changed since {step_dir} was trained from it "

@@ -311,15 +311,17 @@ def _explain(step_dir: Path, e: Exception) -> CheckpointError:
 
 
 def restore(
-    step_dir: str | Path, abstract_state, partial: bool = False, check=None
+    step_dir: str | Path, abstract_state, partial: bool = False, check=None, adapt=None
 ) -> tuple[dict, dict]:
     """``(state, meta)`` of one checkpoint, arrays placed as ``abstract_state``'s shardings say.
 
     With ``partial``, ``abstract_state`` may name a subset of the saved tree (e.g. only
     ``{"params": ...}``) and only those arrays are read: sampling from an 8B checkpoint then
     never allocates its two Adam moments. ``check(meta)`` runs before any array is read (it may
-    raise ``CheckpointMismatch``). Raises ``CheckpointDamaged`` for proven damage and
-    ``CheckpointError`` for any other failure.
+    raise ``CheckpointMismatch``). ``adapt(meta)`` gives ``(abstract, convert)`` for a checkpoint
+    stored in another layout of the same state (scanned or unrolled layers): it is read as
+    ``abstract`` and returned as ``convert(state)``; ``convert`` None reads ``abstract_state``.
+    Raises ``CheckpointDamaged`` for proven damage and ``CheckpointError`` for any other failure.
     """
     step_dir = absolute(step_dir)
     problem = looks_complete(step_dir)
@@ -328,13 +330,17 @@ def restore(
     meta = read_meta(step_dir)
     if check is not None:
         check(meta)
+    convert = None
+    if adapt is not None:
+        saved_state, convert = adapt(meta)
+        abstract_state = saved_state if convert is not None else abstract_state
     try:
         with _quiet_orphaned_reads():
             state = _read_state(step_dir / "state", abstract_state, partial)
     except Exception as e:
         raise _explain(step_dir, e) from e
     integrity.verify_arrays(state, integrity.saved_checksums(step_dir), step_dir)
-    return state, meta
+    return (convert(state) if convert is not None else state), meta
 
 
 def _quarantine(path: Path) -> Path:
@@ -344,7 +350,12 @@ def _quarantine(path: Path) -> Path:
 
 
 def restore_latest(
-    directory: str | Path, abstract_state, check=None, quarantine: bool = True, notify=None
+    directory: str | Path,
+    abstract_state,
+    check=None,
+    quarantine: bool = True,
+    notify=None,
+    adapt=None,
 ):
     """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none.
 
@@ -362,7 +373,7 @@ def restore_latest(
     for step in step_dirs(directory):
         path = directory / str(step)
         try:
-            state, meta = restore(path, abstract_state, check=check)
+            state, meta = restore(path, abstract_state, check=check, adapt=adapt)
         except CheckpointDamaged as e:
             damaged.append((path, e))
             continue

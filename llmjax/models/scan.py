@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llmjax.axes import LAYERS
 from llmjax.config import ModelConfig
@@ -88,9 +89,23 @@ def scan_plan(cfg: ModelConfig) -> ScanPlan:
 
 
 def _stack(*xs):
+    if isinstance(xs[0], jax.ShapeDtypeStruct):  # abstract: the stack axis is never sharded
+        s = xs[0].sharding
+        if isinstance(s, NamedSharding):
+            s = NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=s)
     if all(isinstance(x, np.ndarray) for x in xs):
         return np.stack(xs)
     return jnp.stack(xs)
+
+
+def _row(x, r: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        s = x.sharding
+        if isinstance(s, NamedSharding):
+            s = NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=s)
+    return x[r]
 
 
 def _layout(tree) -> str:
@@ -163,11 +178,36 @@ def unstack_layers(cfg: ModelConfig, tree: dict) -> dict:
     layers = dict(tree.get("layers", {}))
     for j, block in blocks.items():
         for r in range(plan.repeats):
-            layers[plan.layer(r, j)] = jax.tree.map(lambda x, r=r: x[r], block)
+            layers[plan.layer(r, j)] = jax.tree.map(lambda x, r=r: _row(x, r), block)
     out = {k: v for k, v in tree.items() if k != "blocks"}
     if layers:
         out["layers"] = {i: layers[i] for i in sorted(layers)}
     return out
+
+
+def relayout(cfg: ModelConfig, tree, scanned: bool):
+    """``tree`` with every params-shaped dict inside it (params, optimizer moments, adapters;
+    arrays or ``ShapeDtypeStruct``) in the scanned (``scanned=True``) or unrolled layout of
+    ``cfg``'s layers. A checkpoint saved in one layout restores into the other through this."""
+    plan_cfg = cfg.replace(scan_layers=True)
+    if not scan_plan(plan_cfg).repeats:
+        return tree
+
+    def walk(node):
+        if isinstance(node, dict):
+            node = {k: walk(v) for k, v in node.items()}
+            if scanned and isinstance(node.get("layers"), dict) and "blocks" not in node:
+                return stack_layers(plan_cfg, node, partial=True)
+            if not scanned and "blocks" in node:
+                return unstack_layers(plan_cfg, node)
+            return node
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # optax's states
+            return type(node)(*map(walk, node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(map(walk, node))
+        return node
+
+    return walk(tree)
 
 
 def is_stacked(keys) -> bool:

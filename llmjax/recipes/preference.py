@@ -389,7 +389,9 @@ def evaluate_run(run, batch_size: int, max_batches: int | None = None) -> dict:
         if dpo.uses_reference:
             # LoRA runs keep their base as trained; the others read it again.
             frozen["reference"] = (
-                run.base_params if run.base_params is not None else load_base(cfg["base"]).params
+                run.base_params
+                if run.base_params is not None
+                else load_base(cfg["base"], model.config.scan_layers).params
             )
 
         def reference(frozen, batch):

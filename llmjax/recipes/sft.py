@@ -101,8 +101,25 @@ def _hash_files(paths) -> str:
     return h.hexdigest()
 
 
-def load_base(path) -> Base:
-    """A base from a llmjax run (its newest usable checkpoint) or a Hugging Face directory."""
+def load_base(path, scan_layers: bool | None = None) -> Base:
+    """A base from a llmjax run (its newest usable checkpoint) or a Hugging Face directory.
+
+    ``scan_layers`` stores its layers scanned or unrolled (``llmjax.models.scan``); None keeps
+    the layout it loads in (a run's own, Hugging Face's: the config default). A fine-tuned run
+    reads its base back in the layout it trained with.
+    """
+    base = _load_base(path)
+    if scan_layers is None or scan_layers == base.model.config.scan_layers:
+        return base
+    from llmjax.models.scan import relayout
+
+    model = type(base.model)(base.model.config.replace(scan_layers=scan_layers))
+    return dataclasses.replace(
+        base, model=model, params=relayout(model.config, base.params, scan_layers)
+    )
+
+
+def _load_base(path) -> Base:
     from llmjax.data.hf_tokenizer import open_tokenizer
     from llmjax.runs import load_run
 

@@ -94,7 +94,40 @@ def model_differences(config, meta: dict) -> list[str]:
         saved = {**to_dict(model_config_from_dict(saved)), **saved}
     # Compare as JSON sees them: tuples come back from the checkpoint as lists.
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(to_dict(model)))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now[k]]
+    # Scanned or unrolled is how the layers are stored, not which model: restore converts.
+    return [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in now
+        if saved.get(k) != now[k] and k not in LAYOUT_FIELDS
+    ]
+
+
+LAYOUT_FIELDS = ("scan_layers",)
+
+
+def _relayout(task, abstract, shardings):
+    """``adapt`` for ``restore``: a checkpoint stored with the other layer layout (scanned or
+    unrolled; runs saved before scanning became the default are unrolled) is read in its own
+    layout and converted to this run's on the devices."""
+    from llmjax.config import model_config_from_dict
+    from llmjax.models.scan import relayout
+
+    model = task.model if isinstance(task.model, ModelConfig) else None
+
+    def adapt(meta):
+        saved = meta.get("config", {}).get("model")
+        if model is None or not isinstance(saved, dict):
+            return abstract, None
+        with contextlib.suppress(TypeError, ValueError):
+            scanned = model_config_from_dict(saved).scan_layers
+            if scanned != model.scan_layers:
+                convert = jax.jit(
+                    lambda s: relayout(model, s, model.scan_layers), out_shardings=shardings
+                )
+                return relayout(model, abstract, scanned), convert
+        return abstract, None
+
+    return adapt
 
 
 # What each identity key means, for the message when a checkpoint's differs.
@@ -237,7 +270,12 @@ def _train(config, task: Task, out_dir, log) -> TrainResult:
     batch_sh = sharding.batch_sharding(mesh)
 
     ckpt_dir = out / "checkpoints"
-    restored = restore_latest(ckpt_dir, abstract, check=functools.partial(_compatible, task))
+    restored = restore_latest(
+        ckpt_dir,
+        abstract,
+        check=functools.partial(_compatible, task),
+        adapt=_relayout(task, abstract, shardings),
+    )
     with sharding.activation_rules(mesh, rules):
         if restored is None:
             start, state, num_tokens = 0, _initial_state(task, tx, loop.seed, shardings), 0.0
