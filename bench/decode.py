@@ -57,7 +57,7 @@ SIZES = {
 }
 
 
-def model_config(size, init_std):
+def model_config(size, init_std, scan_layers=False):
     d, layers, heads, kv_heads, mlp, vocab = SIZES[size]
     return llmjax.build(
         "llama3-tiny",
@@ -73,6 +73,7 @@ def model_config(size, init_std):
         # Larger than the usual 0.02 so that next-token logits are far from tied: greedy outputs
         # of two float32 implementations then agree token for token.
         init_std=init_std,
+        scan_layers=scan_layers,
     )
 
 
@@ -101,9 +102,11 @@ def bench_llmjax(model, params, prompts, new, reps):
 
     def run():
         t0 = time.perf_counter()
-        state = jax.block_until_ready(sampler.prefill(model, params, *args, *extra, **kw))
+        # As generate does: a scanned model's stacks are sliced once per call (counted in TTFT).
+        m, p = sampler.for_decoding(model, params)
+        state = jax.block_until_ready(sampler.prefill(m, p, *args, *extra, **kw))
         t1 = time.perf_counter()
-        out = jax.block_until_ready(sampler.decode_loop(model, params, state, mode=cfg.mode))
+        out = jax.block_until_ready(sampler.decode_loop(m, p, state, mode=cfg.mode))
         return np.asarray(out.out_BN), t1 - t0, time.perf_counter() - t1
 
     run()  # compiles both calls
@@ -196,7 +199,7 @@ def bench_size(size, args):
     import torch
     import transformers
 
-    model = model_config(size, args.init_std)
+    model = model_config(size, args.init_std, args.layers == "scanned")
     params = jax.jit(model.init)(jax.random.key(0))
     with tempfile.TemporaryDirectory() as d:
         llmjax.to_hf(model, params, d)
@@ -259,6 +262,12 @@ def main(argv=None):
     p.add_argument("--init-std", type=float, default=0.1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
+        "--layers",
+        choices=["unrolled", "scanned"],
+        default="unrolled",
+        help="llmjax's layer layout (with a cache, scanned layers run one at a time on a slice)",
+    )
+    p.add_argument(
         "--torch-threads",
         default="1,2",
         help="torch intra-op thread counts to try; the fastest is the baseline",
@@ -272,7 +281,7 @@ def main(argv=None):
     import transformers
 
     print(
-        f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32; "
+        f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32, {args.layers} layers; "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"(threads {args.torch_threads}), transformers {transformers.__version__}"
     )

@@ -29,7 +29,9 @@ U = 2.0**-24  # float32 unit roundoff
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = llmjax.build("llama3-tiny")
+    # One unrolled block per layer, so each layer's weight is read by its index; stacked
+    # (scanned) adapters are checked against these in tests/test_scan.py.
+    model = llmjax.build("llama3-tiny", scan_layers=False)
     return model, model.init(jax.random.key(0))
 
 
@@ -201,7 +203,7 @@ def test_quantized_base_is_dequantized_then_adapted(tiny, mode, group):
 
 
 def test_bf16_base_adds_in_float32_and_casts_back():
-    model = llmjax.build("llama3-tiny", param_dtype="bfloat16", dtype="bfloat16")
+    model = llmjax.build("llama3-tiny", param_dtype="bfloat16", dtype="bfloat16", scan_layers=False)
     params = model.init(jax.random.key(0))
     cfg = LoraConfig(rank=2, targets=r"layers\.0\.mlp\.down")
     adapters = _trained(init_lora(model, cfg, jax.random.key(1)))
@@ -246,7 +248,7 @@ def test_mismatched_adapters_are_refused(tiny):
     adapters = init_lora(model, cfg, jax.random.key(0))
     with pytest.raises(InputError, match="rank 4 .* rank=8"):
         apply_lora(params, adapters, LoraConfig(rank=8))
-    other = llmjax.build("llama3-tiny", d_model=32, n_heads=2)
+    other = llmjax.build("llama3-tiny", d_model=32, n_heads=2, scan_layers=False)
     with pytest.raises(InputError, match="does not fit its weight"):
         apply_lora(other.init(jax.random.key(0)), adapters, cfg)
     with pytest.raises(InputError, match="not an adapter tree"):

@@ -28,13 +28,16 @@ def _trained(adapters, seed=1, std=0.1):
     )
 
 
-def _loaded(tmp_path, family, **overrides):
+def _loaded(tmp_path, family, scan=False, **overrides):
     hf = build_hf(family, **overrides)
     hf.save_pretrained(tmp_path / "base")
-    model, params = llmjax.from_hf(tmp_path / "base")
+    model, params = llmjax.from_hf(tmp_path / "base", scan_layers=scan)
     return hf, model, params
 
 
+# Qwen3 (every layer alike) and Gemma 2 (local/global pairs) load scanned: their adapters are
+# stacked inside llmjax and written per layer. Llama loads unrolled, as its per-layer targets need.
+SCANNED = ("qwen3", "gemma2")
 CASES = [
     ("llama", LoraConfig(rank=4, alpha=8.0)),
     ("llama", LoraConfig(rank=8, alpha=4.0, rslora=True, targets=r"layers\.[02]\.attn\.(wq|wv)")),
@@ -46,7 +49,7 @@ CASES = [
 
 @pytest.mark.parametrize("family,cfg", CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_adapters_load_in_peft_with_equal_logits(tmp_path, family, cfg):
-    hf, model, params = _loaded(tmp_path, family)
+    hf, model, params = _loaded(tmp_path, family, scan=family in SCANNED)
     adapters = _trained(init_lora(model, cfg, jax.random.key(0)))
     tokens = random_tokens(2, 11)
     ours = np.asarray(model.apply(apply_lora(params, adapters, cfg), tokens))
@@ -70,7 +73,7 @@ def test_adapters_load_in_peft_with_equal_logits(tmp_path, family, cfg):
 
 
 def test_adapter_saved_by_peft_reads_with_equal_logits(tmp_path):
-    hf, model, params = _loaded(tmp_path, "mistral")
+    hf, model, params = _loaded(tmp_path, "mistral", scan=True)
     peft_cfg = peft.LoraConfig(
         r=4,
         lora_alpha=6,
@@ -83,9 +86,8 @@ def test_adapter_saved_by_peft_reads_with_equal_logits(tmp_path):
     with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     adapters, cfg = from_peft(tmp_path / "adapter", model)
     assert cfg.rank == 4 and cfg.scale == 6 / 2 and cfg.rslora
-    assert lora_targets(model, cfg) == tuple(
-        f"layers.{i}.{p}" for i in range(3) for p in ("attn.wo", "mlp.gate")
-    )
+    # Stored stacked: every layer's o_proj and gate_proj are one array each.
+    assert lora_targets(model, cfg) == ("blocks.0.attn.wo", "blocks.0.mlp.gate")
     tokens = random_tokens(2, 11, seed=4)
     ours = np.asarray(model.apply(apply_lora(params, adapters, cfg), tokens))
     assert np.abs(ours - np.asarray(model.apply(params, tokens))).max() > 0.1
@@ -107,7 +109,8 @@ def test_merged_export_loads_in_transformers(tmp_path, family):
 
 
 def test_target_modules_name_exactly_the_adapted_modules(tmp_path):
-    model = llmjax.build("llama3-tiny")
+    # One layer's q_proj alone: a choice per layer, which a scanned stack refuses (test_scan.py).
+    model = llmjax.build("llama3-tiny", scan_layers=False)
     cfg = LoraConfig(rank=2, targets=r"layers\.0\.attn\.wq|layers\.\d+\.mlp\.up")
     to_peft(model, init_lora(model, cfg, jax.random.key(0)), cfg, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -19,7 +19,16 @@ from llmjax.lora import LoraConfig, init_lora
 from llmjax.models.scan import ScanPlan, scan_plan, stack_layers, unstack_layers
 from llmjax.train.optim import decay_mask
 
-SMALL = dict(vocab_size=61, d_model=32, n_heads=4, n_kv_heads=2, mlp_dim=48, tie_embeddings=False)
+# Unrolled here; each test builds the scanned twin with scan_layers=True.
+SMALL = dict(
+    vocab_size=61,
+    d_model=32,
+    n_heads=4,
+    n_kv_heads=2,
+    mlp_dim=48,
+    tie_embeddings=False,
+    scan_layers=False,
+)
 CONFIGS = {
     # Every layer alike: one block per scan step.
     "llama": ModelConfig(n_layers=4, **SMALL),
@@ -79,9 +88,8 @@ def test_scan_plan(name, n_layers, pattern, dense, plan):
         layer_pattern=pattern,
         sliding_window=8,
         dense_layers=dense,
-        scan_layers=True,
         **moe,
-        **SMALL,
+        **{**SMALL, "scan_layers": True},
     )
     assert scan_plan(cfg) == plan
     assert scan_plan(cfg.replace(scan_layers=False)).repeats == 0
@@ -153,6 +161,41 @@ def test_cache_decode_with_scanned_params(name, ring):
         out, cache = jax.jit(scanned.apply)(stacked, tokens[:, t : t + 1], cache=cache)
         outs.append(out)
     assert float(jnp.abs(jnp.concatenate(outs, axis=1) - full).max()) <= 1e-5
+
+
+def test_sampling_decodes_scanned_models_unrolled():
+    """generate and rollout (under jit) slice a scanned model's stacks once per call and decode unrolled: the same tokens and log-probs as the unrolled model."""
+    from llmjax.inference.rollout import rollout
+    from llmjax.inference.sampler import for_decoding, generate
+
+    plain, scanned, params, stacked = _pair("llama")
+    model, unstacked = for_decoding(scanned, stacked)
+    assert not model.config.scan_layers and _max_diff(unstacked, params) == 0.0
+    assert for_decoding(scanned, stacked)[0] is model  # one model object: no recompiles
+    assert for_decoding(plain, params) == (plain, params)
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    a = generate(plain, params, prompts, max_new_tokens=9, temperature=1.0, seed=3)
+    b = generate(scanned, stacked, prompts, max_new_tokens=9, temperature=1.0, seed=3)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    tokens, lengths = jnp.asarray([[1, 2, 3, 4], [5, 6, 0, 0]]), jnp.asarray([4, 2])
+    roll = jax.jit(
+        lambda m, p: rollout(m, p, tokens, lengths, jax.random.key(0), max_new=7),
+        static_argnums=0,
+    )
+    r1, r2 = roll(plain, params), roll(scanned, stacked)
+    assert np.array_equal(r1.tokens_BN, r2.tokens_BN)
+    assert float(jnp.abs(r1.logprobs_BN - r2.logprobs_BN).max()) <= 1e-6
+
+
+@pytest.mark.slow  # about 10 s: two speculative decoders compiled
+def test_speculative_decoding_of_scanned_models_equals_unrolled():
+    from llmjax.inference.speculative import speculative_generate
+
+    plain, scanned, params, stacked = _pair("llama")
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    s1 = speculative_generate(plain, params, plain, params, prompts, max_new_tokens=6)
+    s2 = speculative_generate(scanned, stacked, scanned, stacked, prompts, max_new_tokens=6)
+    assert s1.tokens == s2.tokens
 
 
 def test_training_step_equals_unrolled():
@@ -391,7 +434,7 @@ def test_cli_pretrain_scanned_resumes_generates_and_exports(tmp_path):
     assert run.model.config.scan_layers and "blocks" in run.params
     assert main(["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
     assert main(["export", "--ckpt", str(out), "--out", str(tmp_path / "hf")]) == 0
-    model, params = llmjax.from_hf(tmp_path / "hf")
+    model, params = llmjax.from_hf(tmp_path / "hf", scan_layers=False)
     tokens = _tokens(V=model.config.vocab_size)
     expected = run.model.apply(run.params, tokens)
     assert float(jnp.abs(model.apply(params, tokens) - expected).max()) <= 1e-5
@@ -416,3 +459,48 @@ def test_hf_scorer_loads_and_saves_scanned(tmp_path):
     _, plain, plain_head = from_hf_scorer(tmp_path / "out")
     _, reference, _ = from_hf_scorer(tmp_path / "hf")
     assert _max_diff(plain, reference) == 0.0 and _max_diff(plain_head, head) == 0.0
+
+
+def test_a_run_resumes_in_the_other_layout(tmp_path):
+    """A run saved unrolled (every run before scanning became the default) resumes scanned: the
+    checkpoint is read in its own layout and converted, optimizer moments included, and the
+    steps after it match the unrolled run's."""
+    from llmjax.recipes import pretrain
+    from llmjax.runs import load_run
+    from tests.train.helpers import small_config
+    from tests.train.test_resume import losses
+
+    def config(scan, steps):
+        cfg = small_config(steps=steps, save_every=2)
+        return dataclasses.replace(cfg, model=cfg.model.replace(scan_layers=scan))
+
+    logs, quiet = [], lambda *a, **k: None
+    for out in ("ref", "run"):  # the same 2 steps, resumed unrolled and scanned to 4
+        pretrain.run(config(False, 2), tmp_path / out, log=quiet)
+    pretrain.run(config(False, 4), tmp_path / "ref", log=quiet)
+    pretrain.run(config(True, 4), tmp_path / "run", log=lambda *a, **k: logs.append(a[0]))
+    assert any(str(m).startswith("resumed from") for m in logs), logs
+    ref, run = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(run) == [1, 2, 3, 4]
+    for step in (3, 4):  # scanned and unrolled steps agree to float rounding, not bit for bit
+        np.testing.assert_allclose(run[step][:2], ref[step][:2], rtol=1e-5)
+    resumed, plain = load_run(tmp_path / "run"), load_run(tmp_path / "ref")
+    assert "blocks" in resumed.params and "blocks" not in plain.params
+    assert _max_diff(unstack_layers(resumed.model.config, resumed.params), plain.params) < 1e-5
+
+
+def test_relayout_converts_optimizer_state_both_ways():
+    from llmjax.models.scan import relayout
+
+    cfg = CONFIGS["local-global"]
+    params = llmjax.build(cfg).init(jax.random.key(0))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, mask=decay_mask))
+    state = tx.init(params)
+    stacked = relayout(cfg, state, True)
+    assert stacked[1][0].mu["blocks"][0]["attn"]["wq"].shape[0] == 2  # two repeats of 3
+    assert jax.tree.structure(stacked) == jax.tree.structure(
+        tx.init(stack_layers(cfg.replace(scan_layers=True), params))
+    )
+    back = relayout(cfg, stacked, False)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    assert _max_diff(back, state) == 0.0

@@ -32,7 +32,7 @@ from flax import struct
 
 from llmjax.inference import validate
 from llmjax.inference.processors import SamplingConfig
-from llmjax.inference.sampler import PAD_ID, decode_loop, prefill, stop_array
+from llmjax.inference.sampler import PAD_ID, decode_loop, for_decoding, prefill, stop_array
 
 SAMPLE = SamplingConfig(temperature=1.0)  # the model's own distribution: what on-policy trains on
 
@@ -78,6 +78,7 @@ def rollout(
     _check(cfg, tokens_BL, lengths_B, max_new, sampling)
     stops = validate.token_ids("stop_ids", stop_ids, cfg.vocab_size)
     mode = sampling.mode
+    model, params = for_decoding(model, params)
     # generate's own two jitted calls: inlined into the caller's jit; called eagerly they reuse
     # generate's compiled programs (the donated state is prefill's output, never the caller's).
     state = prefill(

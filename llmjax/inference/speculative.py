@@ -36,7 +36,14 @@ from flax import struct
 from llmjax.errors import InputError
 from llmjax.inference import validate
 from llmjax.inference.processors import SamplingConfig, distribution, draw
-from llmjax.inference.sampler import PAD_ID, GenerationResult, prefill_cache, prepare, to_result
+from llmjax.inference.sampler import (
+    PAD_ID,
+    GenerationResult,
+    for_decoding,
+    prefill_cache,
+    prepare,
+    to_result,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +168,8 @@ def _run(
 ):
     B, L = tokens.shape
     cache_len = L + max_new + k
+    target, tparams = for_decoding(target, tparams)
+    draft, dparams = for_decoding(draft, dparams)
     tlogits, tcache = prefill_cache(target, tparams, tokens, lengths, cache_len, masked, k)
     _, dcache = prefill_cache(draft, dparams, tokens, lengths, cache_len, masked, k)
     k_first, key = jax.random.split(key)

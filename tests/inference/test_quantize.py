@@ -33,7 +33,7 @@ NF4_BOUND = INT8_BOUND * 254 * (NF4_LEVELS[-1] - NF4_LEVELS[-2]) / 2
 
 @pytest.fixture(scope="module", params=["llama3-tiny", "gemma2-tiny"])
 def tiny(request):
-    model = llmjax.build(request.param)
+    model = llmjax.build(request.param, scan_layers=False)  # per layer; stacked: test_scan.py
     return model, model.init(jax.random.key(0))
 
 
