@@ -57,7 +57,7 @@ SIZES = {
 }
 
 
-def model_config(size, init_std, scan_layers=False):
+def model_config(size, init_std, scan_layers=True):
     d, layers, heads, kv_heads, mlp, vocab = SIZES[size]
     return llmjax.build(
         "llama3-tiny",
@@ -263,9 +263,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
         "--layers",
-        choices=["unrolled", "scanned"],
-        default="unrolled",
-        help="llmjax's layer layout (with a cache, scanned layers run one at a time on a slice)",
+        choices=["scanned", "unrolled"],
+        default="scanned",
+        help="llmjax's layer layout (the samplers slice a scanned model's stacks once per call)",
     )
     p.add_argument(
         "--torch-threads",

@@ -60,7 +60,7 @@ def model_config(args):
         "max_seq_len": max(args.seq_len, cfg.max_seq_len),
         "dtype": args.dtype,
         "remat": args.remat,
-        "scan_layers": args.scan_layers,
+        "scan_layers": args.layers == "scanned",
     }
     if args.d_model:
         changes["d_model"] = args.d_model
@@ -92,7 +92,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-    p.add_argument("--scan-layers", action="store_true", help="one lax.scan over stacked layers")
+    p.add_argument(
+        "--layers",
+        choices=["scanned", "unrolled"],
+        default="scanned",
+        help="one lax.scan over stacked layers (the model default) or one block per layer",
+    )
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
 
@@ -146,7 +151,7 @@ def main(argv=None):
         "batch_size": B,
         "dtype": args.dtype,
         "remat": args.remat,
-        "scan_layers": args.scan_layers,
+        "scan_layers": args.layers == "scanned",
         "device": jax.devices()[0].device_kind,
         "num_devices": 1,
         "compile_s": round(compile_s, 2),

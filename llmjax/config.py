@@ -140,7 +140,8 @@ class ModelConfig:
     remat: str = "none"
     # Run repeating layers as one ``jax.lax.scan`` over parameters stacked along a leading
     # ``layers`` axis (``llmjax.models.scan``): compile time and program size stay flat in depth.
-    scan_layers: bool = False
+    # False: one unrolled block per layer (``params["layers"][i]``). Runs resume in either layout.
+    scan_layers: bool = True
     init_std: float = 0.02
 
     def __post_init__(self):

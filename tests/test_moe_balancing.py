@@ -334,10 +334,11 @@ def test_pretrain_cli_moves_the_bias_and_resumes_bit_for_bit(tmp_path):
     assert code == 0, log
     assert losses(out) == losses(ref_out)
     # The run's parameters hold the biases, moved by whole steps of gamma.
+    from llmjax.models.scan import unstack_layers
     from llmjax.runs import load_run
 
     run = load_run(ref_out)
-    layers = run.params["layers"]
+    layers = unstack_layers(run.model.config, run.params)["layers"]  # scanned: read per layer
     biases = [layers[i]["mlp"][SELECTION_BIAS] for i in range(len(layers))]
     steps_E = np.concatenate([np.asarray(b) for b in biases]) / GAMMA
     np.testing.assert_allclose(steps_E, np.round(steps_E), atol=1e-3)

@@ -416,18 +416,17 @@ def test_hf_checkpoints_load_and_save_scanned(tmp_path, family):
 
 @pytest.mark.slow  # about 30 s: two training runs, generate and export
 def test_cli_pretrain_scanned_resumes_generates_and_exports(tmp_path):
-    """``llmjax pretrain --set model.scan_layers=true`` as a user types it (relative paths, from
-    the run's parent): it trains, resumes to more steps, samples through the per-layer cache and
-    exports a checkpoint that loads unrolled with the same logits."""
+    """``llmjax pretrain`` (scanned by default) as a user types it (relative paths, from the
+    run's parent): it trains, resumes to more steps, generates and exports a checkpoint that
+    loads unrolled with the same logits."""
     from llmjax.cli import main
     from llmjax.runs import load_run
     from tests.train.test_resume import finish, launch, losses
 
     out = tmp_path / "run"
-    scan = ("--set", "model.scan_layers=true")
-    code, log = finish(launch(out, steps=5, extra=scan))
+    code, log = finish(launch(out, steps=5))
     assert code == 0, log[-2000:]
-    code, log = finish(launch(out, steps=8, extra=scan))
+    code, log = finish(launch(out, steps=8))
     assert code == 0 and "resumed from run/checkpoints/5 (step 5)" in log, log[-2000:]
     assert sorted(losses(out)) == list(range(1, 9))
     run = load_run(str(out))

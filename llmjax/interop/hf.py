@@ -203,9 +203,15 @@ def load_tensors(
     where = _placement(cfg)
     repeats = scan_plan(cfg).repeats
 
-    def order(entry):  # one stack (or expert array) completes before the next starts
+    # The table's order, except that the pieces of one stack (or expert array) come together so
+    # that it completes before the next starts.
+    first: dict[str, int] = {}
+    for i, entry in enumerate(table):
+        first.setdefault(where(entry.paths[0])[0], i)
+
+    def order(entry):
         dest, r = where(entry.paths[0])
-        return dest, -1 if r is None else r, -1 if entry.expert is None else entry.expert
+        return first[dest], -1 if r is None else r, -1 if entry.expert is None else entry.expert
 
     # A parameter filled piece by piece (a stack's repeats, an [E, ...]'s experts) waits on the
     # host until its last piece arrives, then goes to its device: host memory holds one of them.

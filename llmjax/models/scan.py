@@ -249,6 +249,7 @@ def selects(cfg: ModelConfig, regex, path: str, what: str) -> bool:
         raise ConfigError(
             f"{what} {regex.pattern!r} selects layers {chosen} of {path} but not {left}: "
             f"{cfg.name!r} has scan_layers=True, which stores these layers as one stacked array; "
-            "select all of them or none, or use scan_layers=False"
+            "select all of them or none, or use scan_layers=False (in sft, dpo and rl: "
+            "--set scan_layers=false)"
         )
     return hits[0]

@@ -81,6 +81,9 @@ class _Tuned:
     quantize_base: str = ""  # LoRA only: the frozen base stored as int8 or nf4 (QLoRA)
     quantize_keep: str = "lm_head"  # weights a quantized base keeps in float (a regex)
     trainable: str = ""  # full fine-tuning only: a regex over parameter paths; empty: all
+    # The base's layers: scanned (stacked, one lax.scan) or unrolled, which regexes that choose
+    # some layers only (LoRA targets, trainable, quantize_keep) need.
+    scan_layers: bool = True
     model: ModelConfig | None = None
 
     def __post_init__(self):
@@ -324,7 +327,7 @@ def reward_task(cfg: RewardConfig, base, data, log=print) -> Task:
 
 def prepare(cfg: _Tuned, out_dir, log=print):
     """The base, the data and the completed config of a run (its ``model`` from the base)."""
-    base = load_base(cfg.base)
+    base = load_base(cfg.base, cfg.scan_layers)
     cfg = dataclasses.replace(cfg, model=base.model.config, base=base.source["path"])
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(

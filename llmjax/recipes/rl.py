@@ -89,6 +89,9 @@ class GRPOConfig:
     quantize_base: str = ""
     quantize_keep: str = "lm_head"
     trainable: str = ""
+    # The base's layers: scanned (stacked, one lax.scan) or unrolled, which regexes that choose
+    # some layers only (LoRA targets, trainable, quantize_keep) need.
+    scan_layers: bool = True
     model: ModelConfig | None = None
     name: str = "grpo"
 
@@ -420,7 +423,7 @@ def task(cfg: GRPOConfig, base, data, out_dir, log=print) -> Task:
 
 
 def prepare(cfg: GRPOConfig, out_dir, log=print):
-    base = load_base(cfg.base)
+    base = load_base(cfg.base, cfg.scan_layers)
     cfg = dataclasses.replace(cfg, model=base.model.config, base=base.source["path"])
     data = build_prompt_data(cfg.data, base.tokenizer, cfg.model.vocab_size)
     need = data.width + cfg.max_new_tokens

@@ -48,6 +48,9 @@ class SFTConfig:
     # transformers' 8- and 4-bit loading does; no adapter can correct its rounding.
     quantize_keep: str = "lm_head"
     trainable: str = ""  # full fine-tuning only: a regex over parameter paths; empty: all
+    # The base's layers: scanned (stacked, one lax.scan) or unrolled, which regexes that choose
+    # some layers only (LoRA targets, trainable, quantize_keep) need.
+    scan_layers: bool = True
     exact_match_prompts: int = 64  # held-out prompts decoded greedily at each eval; 0: none
     max_new_tokens: int = 64
     model: ModelConfig | None = None
@@ -306,7 +309,7 @@ def _exact_match_eval(cfg: SFTConfig, model, data: SFTData, params_of):
 
 def prepare(cfg: SFTConfig, out_dir, log=print):
     """The base, the data and the completed config of a run (its ``model`` from the base)."""
-    base = load_base(cfg.base)
+    base = load_base(cfg.base, cfg.scan_layers)
     cfg = dataclasses.replace(cfg, model=base.model.config, base=base.source["path"])
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(

@@ -305,9 +305,9 @@ CASES = [
     ),
     Api(
         "to_hf api: a missing parameter writes nothing",
-        lambda e: llmjax.to_hf(e.model, _without(e.params, "layers", 1, "mlp", "up"), e.tmp / "o"),
+        lambda e: llmjax.to_hf(e.model, _without(e.params, "blocks", 0, "mlp", "up"), e.tmp / "o"),
         HFCheckpointError,
-        "params do not match the config of llama3-tiny (missing layers.1.mlp.up)",
+        "params do not match the config of llama3-tiny (missing blocks.0.mlp.up)",
         _nothing_at("o"),
     ),
     Api(
@@ -321,11 +321,11 @@ CASES = [
         "to_hf api: a mis-shaped last parameter leaves an export intact",
         lambda e: llmjax.to_hf(
             e.model,
-            _with(e.params, np.zeros((64, 128)), "layers", 1, "mlp", "down"),
+            _with(e.params, np.zeros((2, 64, 128)), "blocks", 0, "mlp", "down"),
             e.copy(e.hf, "hf"),
         ),
         HFCheckpointError,
-        "mis-shaped layers.1.mlp.down [64, 128] (expected [128, 64])",
+        "mis-shaped blocks.0.mlp.down [2, 64, 128] (expected [2, 128, 64])",
         _same_as_export,
     ),
     Api(

@@ -160,7 +160,7 @@ def test_full_finetuning_from_a_llmjax_run(trained_run, tmp_path):
     parameter trained (or a subset with ``trainable``)."""
     data = write_records(tmp_path / "sums.jsonl")
     out = tmp_path / "full"
-    pattern = r"layers\.1\..*"
+    pattern = r"layers\.\d+\.mlp\..*"  # every layer's MLP: one stacked block of the scan
     extra = ["--steps", "3", "--set", "loop.eval_every=0", "--set", f"trainable={pattern}"]
     assert sft(trained_run, data, out, *extra) == 0
     before = load_run(trained_run)
@@ -169,11 +169,29 @@ def test_full_finetuning_from_a_llmjax_run(trained_run, tmp_path):
     flat_a = dict(jax.tree_util.tree_flatten_with_path(after.params)[0])
     assert flat_a.keys() == flat_b.keys()
     changed = {jax.tree_util.keystr(k) for k in flat_a if not np.array_equal(flat_a[k], flat_b[k])}
-    assert changed and all(k.startswith("['layers'][1]") for k in changed)
+    assert changed and all(k.startswith("['blocks'][0]['mlp']") for k in changed)
     manifest = json.loads((out / "checkpoints" / "3" / "manifest.json").read_text())
     assert all(
-        k.startswith("params/layers/1/") for k in manifest["arrays"] if k.startswith("params/")
+        k.startswith("params/blocks/0/mlp/") for k in manifest["arrays"] if k.startswith("params/")
     )
+
+
+def test_a_pattern_choosing_some_layers_trains_an_unrolled_base(trained_run, tmp_path, capsys):
+    """One layer of a scanned stack cannot train alone: refused in one line that names the fix,
+    which then trains layer 1 only."""
+    data = write_records(tmp_path / "sums.jsonl")
+    extra = ["--steps", "2", "--set", "loop.eval_every=0", "--set", r"trainable=layers\.1\..*"]
+    capsys.readouterr()
+    assert sft(trained_run, data, tmp_path / "refused", *extra) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "records skipped" not in ln]
+    assert len(err) == 1 and "--set scan_layers=false" in err[0], err
+    out = tmp_path / "unrolled"
+    assert sft(trained_run, data, out, *extra, "--set", "scan_layers=false") == 0
+    manifest = json.loads((out / "checkpoints" / "2" / "manifest.json").read_text())
+    trained = {k for k in manifest["arrays"] if k.startswith("params/")}
+    assert trained and all(k.startswith("params/layers/1/") for k in trained)
+    after = load_run(out)
+    assert not after.model.config.scan_layers and "blocks" not in after.params
 
 
 def test_bad_base_and_small_vocabulary_are_one_line_errors(base, records, tmp_path, capsys):

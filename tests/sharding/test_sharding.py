@@ -61,7 +61,8 @@ def test_indivisible_dimension_names_parameter_shape_and_axis():
     model = llmjax.build("llama3-tiny", d_model=36, n_heads=2, n_kv_heads=2)
     with pytest.raises(
         ShardingError,
-        match=r"parameter embed of shape \(512, 36\): dimension "
+        # Scanned: the first parameter checked is a stack, its leading axis the 2 layers.
+        match=r"parameter blocks/0/attn/wk of shape \(2, 36, 2, 18\): dimension "
         r"'embed' \(36\) is not divisible by mesh axis fsdp of size 8",
     ):
         sharding.param_specs(model, abstract_mesh(_sizes({"fsdp": 8})), "fsdp")
@@ -100,7 +101,7 @@ def test_describe_reports_bytes_per_device():
     model = llmjax.build("llama3-tiny")
     params = model.init(jax.random.key(0))
     text = sharding.describe(params, print_table=False)
-    assert "layers/0/attn/wq" in text and "(64, 4, 16)" in text
+    assert "blocks/0/attn/wq" in text and "(2, 64, 4, 16)" in text  # both layers, stacked
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     assert f"total: {total:,} bytes; per device: {total:,} bytes" in text
 
