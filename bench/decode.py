@@ -199,7 +199,7 @@ def bench_size(size, args):
     import torch
     import transformers
 
-    model = model_config(size, args.init_std, args.layers == "scanned")
+    model = model_config(size, args.init_std, args.layout == "scanned")
     params = jax.jit(model.init)(jax.random.key(0))
     with tempfile.TemporaryDirectory() as d:
         llmjax.to_hf(model, params, d)
@@ -262,7 +262,7 @@ def main(argv=None):
     p.add_argument("--init-std", type=float, default=0.1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
-        "--layers",
+        "--layout",
         choices=["scanned", "unrolled"],
         default="scanned",
         help="llmjax's layer layout (the samplers slice a scanned model's stacks once per call)",
@@ -281,7 +281,7 @@ def main(argv=None):
     import transformers
 
     print(
-        f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32, {args.layers} layers; "
+        f"prompt {args.prompt_len}, {args.new} new tokens, greedy, float32, {args.layout} layers; "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"(threads {args.torch_threads}), transformers {transformers.__version__}"
     )

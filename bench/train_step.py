@@ -8,6 +8,8 @@ means the same thing on a laptop CPU and an accelerator. The step is the trainin
     python bench/train_step.py --d-model 256 --layers 4 --heads 4 --mlp 1024 --seq-len 256 \\
         --batch-size 8 --vocab 32000 --dtype float32 --steps 10
 
+``--layout unrolled`` times one block per layer instead of the model's default scan over them.
+
 The last printed line is one JSON object.
 """
 
@@ -60,7 +62,7 @@ def model_config(args):
         "max_seq_len": max(args.seq_len, cfg.max_seq_len),
         "dtype": args.dtype,
         "remat": args.remat,
-        "scan_layers": args.layers == "scanned",
+        "scan_layers": args.layout == "scanned",
     }
     if args.d_model:
         changes["d_model"] = args.d_model
@@ -93,7 +95,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument(
-        "--layers",
+        "--layout",
         choices=["scanned", "unrolled"],
         default="scanned",
         help="one lax.scan over stacked layers (the model default) or one block per layer",
@@ -151,7 +153,7 @@ def main(argv=None):
         "batch_size": B,
         "dtype": args.dtype,
         "remat": args.remat,
-        "scan_layers": args.layers == "scanned",
+        "scan_layers": args.layout == "scanned",
         "device": jax.devices()[0].device_kind,
         "num_devices": 1,
         "compile_s": round(compile_s, 2),

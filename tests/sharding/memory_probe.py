@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--mesh", default="data=1")
     ap.add_argument("--rules", default="dp")
     ap.add_argument("--remat", default="none", choices=["none", "dots", "full"])
-    ap.add_argument("--layers", default="scanned", choices=["scanned", "unrolled"])
+    ap.add_argument("--layout", default="scanned", choices=["scanned", "unrolled"])
     args = ap.parse_args()
     import jax
 
@@ -124,7 +124,7 @@ def main():
     out = []
     cases = CASES + (MOE_CASES if sharding.MeshConfig.parse(args.mesh).expert > 1 else [])
     for name, overrides, batch, seq in cases:
-        scan = args.layers == "scanned"
+        scan = args.layout == "scanned"
         cfg = llmjax.build(name, **overrides, remat=args.remat, scan_layers=scan).config
         est = plan(cfg, args.mesh, batch_size=batch, seq_len=seq, rules=args.rules).total
         out.append(
