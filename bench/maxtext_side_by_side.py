@@ -3,9 +3,11 @@
 Each round runs ``bench/train_step.py`` (llmjax's loop step) and MaxText's own pretraining
 trainer on synthetic data with the same model: a Llama-style decoder, d 256, 4 layers, 4 heads of
 64, MLP 1024, seq 256, batch 8, vocab 32000, float32 (MaxText's default vocabulary), dot-product
-attention. Rounds alternate the two so that a machine's drift (other jobs, thermal state) falls on
-both. MaxText's step time is the median of its log's ``completed step: N, seconds: S`` after the
-first two steps (compilation and warm-up).
+attention, the layers scanned and each one rematerialised in the backward pass (MaxText's
+defaults, ``scan_layers=true`` and ``remat_policy=full``, set on both sides). Rounds alternate the
+two so that a machine's drift (other jobs, thermal state) falls on both. MaxText's step time is
+the median of its log's ``completed step: N, seconds: S`` after the first two steps (compilation
+and warm-up).
 
 MaxText needs Python >= 3.12 and is a peer, never a dependency of llmjax; install it in its own
 environment and pass that interpreter:
@@ -39,7 +41,7 @@ def run_llmjax(steps: int) -> dict:
     cmd += ["--d-model", str(s["d_model"]), "--layers", str(s["layers"])]
     cmd += ["--heads", str(s["heads"]), "--mlp", str(s["mlp"]), "--vocab", str(s["vocab"])]
     cmd += ["--seq-len", str(s["seq_len"]), "--batch-size", str(s["batch_size"])]
-    cmd += ["--dtype", "float32", "--steps", str(steps)]
+    cmd += ["--dtype", "float32", "--steps", str(steps), "--layout", "scanned", "--remat", "full"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     return {"step_time_s": r["step_time_s"], "tokens_per_sec": r["tokens_per_sec"]}
@@ -60,6 +62,7 @@ def run_maxtext(python: str, steps: int) -> dict:
         cmd += [f"max_target_length={s['seq_len']}", f"per_device_batch_size={s['batch_size']}"]
         cmd += ["attention=dot_product", "dtype=float32", "enable_goodput_recording=false"]
         cmd += ["monitor_goodput=false", "skip_jax_distributed_system=true"]
+        cmd += ["scan_layers=true", "remat_policy=full"]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True)
     steps_s = [(int(n), float(t)) for n, t in STEP_LINE.findall(log.stdout + log.stderr)]
     times = [t for n, t in steps_s if n >= 2]
