@@ -461,23 +461,23 @@ def test_hf_scorer_loads_and_saves_scanned(tmp_path):
 
 
 def test_a_run_resumes_in_the_other_layout(tmp_path):
-    """A run saved unrolled (every run before scanning became the default) resumes scanned: the
-    checkpoint is read in its own layout and converted, optimizer moments included, and the
-    steps after it match the unrolled run's."""
+    """A run saved unrolled (every run before scanning became the default) resumes scanned, and
+    with every layer rematerialised: the checkpoint is read in its own layout and converted,
+    optimizer moments included, and the steps after it match the unrolled run's."""
     from llmjax.recipes import pretrain
     from llmjax.runs import load_run
     from tests.train.helpers import small_config
     from tests.train.test_resume import losses
 
-    def config(scan, steps):
+    def config(scan, steps, remat="none"):
         cfg = small_config(steps=steps, save_every=2)
-        return dataclasses.replace(cfg, model=cfg.model.replace(scan_layers=scan))
+        return dataclasses.replace(cfg, model=cfg.model.replace(scan_layers=scan, remat=remat))
 
     logs, quiet = [], lambda *a, **k: None
     for out in ("ref", "run"):  # the same 2 steps, resumed unrolled and scanned to 4
         pretrain.run(config(False, 2), tmp_path / out, log=quiet)
     pretrain.run(config(False, 4), tmp_path / "ref", log=quiet)
-    pretrain.run(config(True, 4), tmp_path / "run", log=lambda *a, **k: logs.append(a[0]))
+    pretrain.run(config(True, 4, "full"), tmp_path / "run", log=lambda *a, **k: logs.append(a[0]))
     assert any(str(m).startswith("resumed from") for m in logs), logs
     ref, run = losses(tmp_path / "ref"), losses(tmp_path / "run")
     assert sorted(run) == [1, 2, 3, 4]

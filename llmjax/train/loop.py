@@ -94,15 +94,17 @@ def model_differences(config, meta: dict) -> list[str]:
         saved = {**to_dict(model_config_from_dict(saved)), **saved}
     # Compare as JSON sees them: tuples come back from the checkpoint as lists.
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(to_dict(model)))
-    # Scanned or unrolled is how the layers are stored, not which model: restore converts.
     return [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in now
-        if saved.get(k) != now[k] and k not in LAYOUT_FIELDS
+        if saved.get(k) != now[k] and k not in SCHEDULE_FIELDS
     ]
 
 
-LAYOUT_FIELDS = ("scan_layers",)
+# How the step computes, not which model it trains: a run may resume with another of each.
+# Scanned or unrolled is how the layers are stored (restore converts); rematerialisation and the
+# attention kernel change only what is kept for the backward pass and which kernel runs.
+SCHEDULE_FIELDS = ("scan_layers", "remat", "attention_impl")
 
 
 def _relayout(task, abstract, shardings):

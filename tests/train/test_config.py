@@ -158,3 +158,17 @@ def test_a_checkpoint_from_before_a_new_model_field_still_matches():
     assert model_differences(model, {"config": {"model": saved}}) == [
         f"mlp_dim: {model.resolved_mlp_dim + 8} -> {to_dict(model)['mlp_dim']!r}"
     ]
+
+
+def test_a_checkpoint_resumes_with_another_layout_remat_or_attention_kernel():
+    """How the step computes is not which model it trains; anything else that differs is named."""
+    from llmjax.train.config import to_dict
+    from llmjax.train.loop import model_differences
+
+    model = llmjax.presets.get("llama3-tiny")
+    saved = to_dict(model) | {"scan_layers": False, "remat": "dots", "attention_impl": "pallas"}
+    assert model_differences(model, {"config": {"model": saved}}) == []
+    saved["dtype"] = "bfloat16"
+    assert model_differences(model, {"config": {"model": saved}}) == [
+        "dtype: 'bfloat16' -> 'float32'"
+    ]
