@@ -47,9 +47,9 @@ def default() -> TrainConfig:
         n_kv_heads=2,
         mlp_dim=384,
         max_seq_len=256,
-        # Recomputing each layer in the backward pass is faster here than keeping its
-        # activations: a scan stacks what it keeps, and XLA:CPU reads those stacks slowly
-        # (docs/design.md, "Layers unrolled or scanned").
+        # On a CPU, recomputing each layer in the backward pass is faster for this model than
+        # keeping its activations: a scan stacks what it keeps, and XLA:CPU reads those stacks
+        # slowly (docs/design.md, "Layers unrolled or scanned").
         remat="full",
     )
     return TrainConfig(
